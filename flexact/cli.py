@@ -1,0 +1,95 @@
+"""The ``flexact`` command line: LightningCLI with flexact's modules, data and callbacks.
+
+Usage: ``flexact fit --config configs/synthetic.yaml`` (also ``validate``, ``test``, ``predict``).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+import flexact
+# Imported so that configs can use short class names (TemperatureAnnealing, SyntheticDataModule).
+import flexact.callbacks
+import flexact.datamodules
+from flexact.errors import ConfigError
+from flexact.modules import FlexActModule
+
+__all__ = ["FlexActCLI", "build_cli", "main"]
+
+
+def _data_attribute(name: str) -> Any:
+    def compute(datamodule: LightningDataModule) -> Any:
+        return getattr(datamodule, name, None)
+
+    return compute
+
+
+class FlexActCLI(LightningCLI):
+    """LightningCLI whose model sizes are taken from the data module.
+
+    ``model.init_args.in_features`` and ``model.init_args.num_outputs`` are linked to the data
+    module's ``num_features`` and ``num_outputs`` attributes (``None`` when it has none).
+    """
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser.add_argument("--version", action="version",
+                            version=f"flexact {flexact.__version__}")
+        return parser
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for source, target in (("num_features", "in_features"), ("num_outputs", "num_outputs")):
+            parser.link_arguments("data", f"model.init_args.{target}",
+                                  compute_fn=_data_attribute(source), apply_on="instantiate")
+
+
+def _find_config_error(err: BaseException) -> ConfigError | None:
+    """The ConfigError behind ``err``; jsonargparse wraps errors raised while instantiating."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ConfigError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def build_cli(args: list[str] | None = None) -> FlexActCLI:
+    """Parse ``args`` and run the chosen subcommand; return the CLI object (used by tests).
+
+    Configuration errors (:class:`~flexact.ConfigError`) are printed as one line on stderr and
+    end the program with exit status 2, like the parser's own errors.
+
+    Args:
+        args: Command-line arguments (default: ``sys.argv[1:]``).
+    """
+    try:
+        return FlexActCLI(
+            FlexActModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            auto_configure_optimizers=False,
+        )
+    except Exception as err:
+        cause = _find_config_error(err)
+        if cause is None:
+            raise
+        print(f"flexact: error: {cause}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``flexact`` command.
+
+    Args:
+        args: Command-line arguments (default: ``sys.argv[1:]``).
+    """
+    build_cli(args)

@@ -1,0 +1,455 @@
+"""FlexAct: a layer that picks its activation among candidates with Gumbel-Softmax.
+
+Pure PyTorch: usable from any training loop. See METHOD.md §1–2 for the equations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from flexact.activations import (
+    PAPER_CANDIDATES,
+    activation_derivative,
+    check_activation_name,
+    get_activation,
+    has_parameters,
+)
+from flexact.errors import ConfigError
+
+__all__ = ["FlexAct", "FlexActHead", "flexact_layers", "mixture", "selection_kl"]
+
+Granularity = Literal["layer", "channel"]
+EvalMode = Literal["argmax", "expected"]
+
+_U_MIN = torch.finfo(torch.float32).tiny
+_U_MAX = 1.0 - torch.finfo(torch.float32).eps
+
+
+def _column(weights: Tensor, j: int, x: Tensor, channel_dim: int | None) -> Tensor:
+    """Weight of candidate ``j``, shaped to broadcast against ``x`` and cast to its dtype."""
+    if channel_dim is None:
+        return weights[j].to(x.dtype)
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return weights[:, j].to(x.dtype).reshape(shape)
+
+
+def _reduce_to_weight(t: Tensor, channel_dim: int | None) -> Tensor:
+    """Sum ``t`` over everything but the channel dimension (in float32 for accuracy)."""
+    t = t.to(torch.promote_types(t.dtype, torch.float32))
+    if channel_dim is None:
+        return t.sum()
+    dims = [d for d in range(t.dim()) if d != channel_dim]
+    return t.sum(dim=dims)
+
+
+class _FusedMixture(torch.autograd.Function):
+    """Σⱼ wⱼ σⱼ(x) for parameter-free σⱼ, saving only ``x`` and ``w`` for backward.
+
+    Backward recomputes each candidate and its derivative, so memory does not grow with the
+    number of candidates (a plain autograd sum would keep one output per candidate alive).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weights: Tensor,
+        candidates: Sequence[nn.Module],
+        channel_dim: int | None,
+    ) -> Tensor:
+        ctx.candidates = candidates
+        ctx.channel_dim = channel_dim
+        ctx.save_for_backward(x, weights)
+        out = candidates[0](x) * _column(weights, 0, x, channel_dim)
+        for j in range(1, len(candidates)):
+            out.add_(candidates[j](x) * _column(weights, j, x, channel_dim))
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x, weights = ctx.saved_tensors
+        candidates, channel_dim = ctx.candidates, ctx.channel_dim
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x = grad_w = None
+        if need_x:
+            slope = activation_derivative(candidates[0], x) * _column(weights, 0, x, channel_dim)
+            for j in range(1, len(candidates)):
+                d = activation_derivative(candidates[j], x)
+                slope.add_(d * _column(weights, j, x, channel_dim))
+            grad_x = grad_out * slope
+        if need_w:
+            with torch.no_grad():
+                columns = [
+                    _reduce_to_weight(grad_out * act(x), channel_dim) for act in candidates
+                ]
+            grad_w = torch.stack(columns, dim=-1).to(weights.dtype)
+        return grad_x, grad_w, None, None
+
+
+def mixture(
+    x: Tensor,
+    weights: Tensor,
+    candidates: Sequence[nn.Module],
+    channel_dim: int | None = None,
+) -> Tensor:
+    """Convex combination ``Σⱼ wⱼ σⱼ(x)`` of candidate activations.
+
+    Parameter-free candidates go through a memory-saving custom autograd function; candidates
+    with their own parameters take the general autograd path.
+
+    Args:
+        x: Input tensor.
+        weights: ``(p,)`` mixture weights, or ``(C, p)`` per channel when ``channel_dim`` is set.
+        candidates: The ``p`` element-wise activation modules.
+        channel_dim: Dimension of ``x`` indexed by the rows of a 2-D ``weights``.
+
+    Returns:
+        A tensor shaped like ``x``.
+    """
+    if channel_dim is not None:
+        channel_dim = channel_dim % x.dim()
+    free = [j for j, act in enumerate(candidates) if not has_parameters(act)]
+    learned = [j for j in range(len(candidates)) if j not in free]
+    out: Tensor | None = None
+    if free:
+        sub_weights = weights if len(free) == len(candidates) else weights[..., free]
+        out = _FusedMixture.apply(x, sub_weights, [candidates[j] for j in free], channel_dim)
+    for j in learned:
+        term = candidates[j](x) * _column(weights, j, x, channel_dim)
+        out = term if out is None else out + term
+    assert out is not None
+    return out
+
+
+class FlexAct(nn.Module):
+    """Activation layer that learns to pick one of several candidate activations.
+
+    In training it outputs ``Σⱼ pⱼ σⱼ(x)`` with ``p ~ GumbelSoftmax(logits, τ)`` drawn once per
+    forward call; the logits train with the weights. In eval it applies the picked activation
+    (``eval_mode="argmax"``) or the noise-free softmax blend (``"expected"``).
+
+    Each training forward also measures the mean gradient norm of every candidate with respect to
+    the layer input and stores the pseudo-probabilities ``softmax(-ḡ/λ)`` (METHOD.md eqs. 1–2);
+    :meth:`kl_divergence` returns ``KL(p̃ ‖ p)`` and :func:`selection_kl` sums it over a model.
+
+    Args:
+        candidates: Registry names of the candidate activations (no duplicates).
+        tau: Gumbel-Softmax temperature τ > 0; settable later via the ``tau`` attribute.
+        hard: Straight-through: the forward weights are exactly one-hot, gradients those of the
+            soft sample.
+        granularity: ``"layer"``: one logit vector; ``"channel"``: one per channel.
+        num_channels: Number of channels (required for ``granularity="channel"``).
+        channel_dim: Dimension of the input holding the channels.
+        eval_mode: ``"argmax"``: exactly the picked activation in eval; ``"expected"``: the
+            softmax-weighted blend without noise.
+        prior: Optional initial selection probabilities, one positive value per candidate
+            (normalized here); uniform if omitted.
+        kl_lambda: The regularizer's scale λ > 0 in ``softmax(-ḡ/λ)``.
+        regularize: Measure gradient norms in training forwards (turn off when α = 0 to save time).
+        candidate_kwargs: Keyword arguments per candidate name, e.g.
+            ``{"leaky_relu": {"negative_slope": 0.2}}``.
+    """
+
+    def __init__(
+        self,
+        candidates: Sequence[str] = PAPER_CANDIDATES,
+        tau: float = 1.0,
+        hard: bool = False,
+        granularity: Granularity = "layer",
+        num_channels: int | None = None,
+        channel_dim: int = 1,
+        eval_mode: EvalMode = "argmax",
+        prior: Sequence[float] | None = None,
+        kl_lambda: float = 1.0,
+        regularize: bool = True,
+        candidate_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        names = _check_candidates(candidates)
+        if granularity not in ("layer", "channel"):
+            raise ConfigError(f"granularity must be 'layer' or 'channel', got {granularity!r}")
+        if eval_mode not in ("argmax", "expected"):
+            raise ConfigError(f"eval_mode must be 'argmax' or 'expected', got {eval_mode!r}")
+        if granularity == "channel" and (num_channels is None or num_channels < 1):
+            raise ConfigError(
+                "granularity='channel' needs num_channels (a positive int, the size of the "
+                f"channel dimension); got {num_channels!r}"
+            )
+        if not (math.isfinite(kl_lambda) and kl_lambda > 0):
+            raise ConfigError(f"kl_lambda must be a finite number > 0, got {kl_lambda!r}")
+        candidate_kwargs = dict(candidate_kwargs or {})
+        unknown = sorted(set(candidate_kwargs) - set(names))
+        if unknown:
+            raise ConfigError(
+                f"candidate_kwargs names {unknown} that are not among the candidates {names}"
+            )
+        self.candidate_names: tuple[str, ...] = names
+        self.candidates = nn.ModuleList(
+            get_activation(n, **candidate_kwargs.get(n, {})) for n in names
+        )
+        self.hard = bool(hard)
+        self.granularity: Granularity = granularity
+        self.num_channels = num_channels if granularity == "channel" else None
+        self.channel_dim = channel_dim
+        self.eval_mode: EvalMode = eval_mode
+        self.kl_lambda = float(kl_lambda)
+        self.regularize = bool(regularize)
+        shape = (len(names),) if self.num_channels is None else (self.num_channels, len(names))
+        self.logits = nn.Parameter(_prior_logits(prior, len(names)).expand(shape).clone())
+        self.register_buffer("temperature", torch.tensor(_check_tau(tau)))
+        # Pseudo-probabilities p̃ from the last training forward; a target, never differentiated.
+        self._targets: Tensor | None = None
+
+    @property
+    def tau(self) -> float:
+        """The Gumbel-Softmax temperature τ (reading it synchronizes with the device)."""
+        return float(self.temperature)
+
+    @tau.setter
+    def tau(self, value: float) -> None:
+        self.temperature.fill_(_check_tau(value))
+
+    def probabilities(self) -> Tensor:
+        """Selection probabilities ``softmax(logits)``: ``(p,)`` or ``(C, p)``, detached."""
+        return torch.softmax(self.logits.detach().float(), dim=-1)
+
+    def selected(self) -> list[str]:
+        """The picked candidate name: one for ``"layer"``, one per channel for ``"channel"``."""
+        picks = self.logits.detach().argmax(dim=-1).reshape(-1).tolist()
+        return [self.candidate_names[i] for i in picks]
+
+    def sample_weights(self) -> Tensor:
+        """Draw mixture weights from GumbelSoftmax(logits, τ) (straight-through if ``hard``).
+
+        The noise is sampled in float32 from clamped uniforms on the logits' device, so it is
+        finite for every τ > 0, never synchronizes with the host, and ignores autocast.
+        """
+        logits = self.logits
+        dtype = torch.promote_types(logits.dtype, torch.float32)
+        with torch.autocast(device_type=logits.device.type, enabled=False):
+            u = torch.rand(logits.shape, device=logits.device, dtype=torch.float32)
+            gumbel = -torch.log(-torch.log(u.clamp_(_U_MIN, _U_MAX)))
+            scores = (logits.to(dtype) + gumbel.to(dtype)) / self.temperature.to(dtype)
+            soft = torch.softmax(scores, dim=-1)
+        if not self.hard:
+            return soft
+        one_hot = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
+        # (soft - soft.detach()) is exactly zero, so the forward weights are exactly one-hot.
+        return one_hot + (soft - soft.detach())
+
+    def forward(self, x: Tensor, input_weight: Tensor | None = None) -> Tensor:
+        """Apply the layer.
+
+        Args:
+            x: Pre-activation ``h``.
+            input_weight: Weight ``W`` of the affine map ``h = x Wᵀ + b`` in front of this layer,
+                if any: the regularizer then measures gradients w.r.t. that map's input, as
+                METHOD.md eq. (1) defines. Without it, gradients are taken w.r.t. ``h``.
+
+        Returns:
+            The activated tensor, shaped like ``x``.
+        """
+        channel_dim = self.channel_dim % x.dim() if self.num_channels is not None else None
+        if channel_dim is not None and x.shape[channel_dim] != self.num_channels:
+            raise ValueError(
+                f"FlexAct expected {self.num_channels} channels in dim {self.channel_dim}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        if not self.training:
+            if self.eval_mode == "argmax":
+                return self._apply_pick(x, channel_dim)
+            return mixture(x, self.probabilities().to(self.logits.dtype), self.candidates,
+                           channel_dim)
+        if self.regularize and torch.is_grad_enabled():
+            self._targets = self._pseudo_probabilities(x, input_weight, channel_dim)
+        return mixture(x, self.sample_weights(), self.candidates, channel_dim)
+
+    def _apply_pick(self, x: Tensor, channel_dim: int | None) -> Tensor:
+        picks = self.logits.detach().argmax(dim=-1)
+        if channel_dim is None:
+            return self.candidates[int(picks)](x)
+        shape = [1] * x.dim()
+        shape[channel_dim] = -1
+        picks = picks.reshape(shape)
+        out = torch.empty_like(x)
+        for j, act in enumerate(self.candidates):
+            out = torch.where(picks == j, act(x), out)
+        return out
+
+    @torch.no_grad()
+    def gradient_norms(
+        self, x: Tensor, input_weight: Tensor | None = None, channel_dim: int | None = None
+    ) -> Tensor:
+        """Batch-mean gradient norm ḡ of every candidate (METHOD.md eq. 1).
+
+        Args:
+            x: Pre-activation ``h`` (first dimension is the batch).
+            input_weight: ``W`` of the affine map that produced ``h`` (see :meth:`forward`).
+            channel_dim: Channel dimension for per-channel norms, or ``None`` for per-layer.
+
+        Returns:
+            ``(p,)`` for a per-layer layer, ``(C, p)`` per channel.
+        """
+        h = x.detach().float()
+        if h.dim() == 1:
+            h = h.unsqueeze(-1)
+        w = None if input_weight is None else input_weight.detach().float()
+        norms = []
+        for act in self.candidates:
+            d = activation_derivative(act, h)
+            if channel_dim is None and w is not None:
+                g = (d @ w).norm(dim=-1)  # ∇ₓ Σₒ σ(hₒ) = σ'(h) W, per sample
+            elif channel_dim is None:
+                g = d.flatten(1).norm(dim=1)
+            elif w is not None:
+                g = d.abs() * w.norm(dim=1)  # channel c depends on x through row c of W
+            else:
+                g = d.movedim(channel_dim, 1).reshape(d.shape[0], d.shape[channel_dim], -1)
+                g = g.norm(dim=2)
+            norms.append(g.mean() if channel_dim is None else g.reshape(-1, g.shape[-1]).mean(0))
+        return torch.stack(norms, dim=-1)
+
+    def _pseudo_probabilities(
+        self, x: Tensor, input_weight: Tensor | None, channel_dim: int | None
+    ) -> Tensor:
+        g = self.gradient_norms(x, input_weight, channel_dim)
+        return torch.softmax(-g / self.kl_lambda, dim=-1).to(self.logits.dtype)
+
+    def kl_divergence(self) -> Tensor:
+        """``KL(p̃ ‖ p)`` between the last measured pseudo-probabilities and ``softmax(logits)``.
+
+        Averaged over channels for ``granularity="channel"``; zero before any training forward.
+        Only the logits receive gradient.
+        """
+        if self._targets is None:
+            return self.logits.new_zeros(())
+        target = self._targets
+        log_p = torch.log_softmax(self.logits, dim=-1)
+        kl = (torch.special.xlogy(target, target) - target * log_p).sum(dim=-1)
+        return kl.mean()
+
+    def extra_repr(self) -> str:
+        extra = f", num_channels={self.num_channels}" if self.num_channels is not None else ""
+        return (
+            f"candidates={list(self.candidate_names)}, granularity={self.granularity!r}{extra}, "
+            f"hard={self.hard}, eval_mode={self.eval_mode!r}, kl_lambda={self.kl_lambda}"
+        )
+
+
+def _check_candidates(candidates: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(candidates, str):
+        raise ConfigError(f"candidates must be a list of names, got the string {candidates!r}")
+    names = tuple(candidates)
+    if not names:
+        raise ConfigError("candidates is empty; give at least one activation name")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"duplicate candidates {duplicates}; list each activation once")
+    for name in names:
+        check_activation_name(name)
+    return names
+
+
+def _check_tau(tau: float) -> float:
+    try:
+        value = float(tau)
+    except (TypeError, ValueError):
+        raise ConfigError(f"tau must be a number > 0, got {tau!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"tau must be a finite number > 0, got {tau!r}")
+    return value
+
+
+def _prior_logits(prior: Sequence[float] | None, p: int) -> Tensor:
+    if prior is None:
+        return torch.zeros(p)
+    values = torch.as_tensor(list(prior), dtype=torch.float32)
+    if values.shape != (p,) or not bool(torch.isfinite(values).all() and (values > 0).all()):
+        raise ConfigError(
+            f"prior must hold {p} finite positive numbers (one per candidate), got {list(prior)}"
+        )
+    return torch.log(values / values.sum())
+
+
+class FlexActHead(nn.Module):
+    """Affine map followed by FlexAct, optionally followed by a second affine map.
+
+    Without ``hidden_features``: ``Linear(in, out) → FlexAct`` (the paper's single-layer model).
+    With it: ``Linear(in, hidden) → FlexAct → Linear(hidden, out)`` (FlexAct at the penultimate
+    layer, as the paper's CIFAR models). Inputs with more than two dimensions are flattened.
+
+    Args:
+        in_features: Size of each input sample.
+        out_features: Size of each output sample.
+        hidden_features: Width of the FlexAct layer between two affine maps, or ``None``.
+        candidates: Registry names of the candidate activations.
+        tau: Initial Gumbel-Softmax temperature.
+        hard: Straight-through one-hot weights in the forward pass.
+        granularity: ``"layer"`` or ``"channel"`` (one logit vector per feature).
+        eval_mode: ``"argmax"`` or ``"expected"``.
+        prior: Optional initial selection probabilities.
+        kl_lambda: The regularizer's scale λ.
+        regularize: Measure gradient norms for the regularizer in training.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden_features: int | None = None,
+        candidates: Sequence[str] = PAPER_CANDIDATES,
+        tau: float = 1.0,
+        hard: bool = False,
+        granularity: Granularity = "layer",
+        eval_mode: EvalMode = "argmax",
+        prior: Sequence[float] | None = None,
+        kl_lambda: float = 1.0,
+        regularize: bool = True,
+    ) -> None:
+        super().__init__()
+        for label, value in (("in_features", in_features), ("out_features", out_features),
+                             ("hidden_features", hidden_features)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{label} must be a positive int, got {value!r}")
+        width = hidden_features or out_features
+        self.linear = nn.Linear(in_features, width)
+        self.flexact = FlexAct(
+            candidates, tau=tau, hard=hard, granularity=granularity,
+            num_channels=width if granularity == "channel" else None, channel_dim=-1,
+            eval_mode=eval_mode, prior=prior, kl_lambda=kl_lambda, regularize=regularize,
+        )
+        self.output = nn.Linear(width, out_features) if hidden_features else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() > 2:
+            x = x.flatten(1)
+        h = self.flexact(self.linear(x), input_weight=self.linear.weight)
+        return h if self.output is None else self.output(h)
+
+
+def flexact_layers(model: nn.Module) -> Iterator[tuple[str, FlexAct]]:
+    """Yield ``(qualified name, layer)`` for every :class:`FlexAct` inside ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, FlexAct):
+            yield name, module
+
+
+def selection_kl(model: nn.Module) -> Tensor:
+    """Sum of ``KL(p̃ ‖ p)`` over every FlexAct layer of ``model`` (METHOD.md eq. 4).
+
+    Multiply by α and add to the task loss. Zero (a tensor) if the model has no FlexAct layer.
+    """
+    total: Tensor | None = None
+    for _, layer in flexact_layers(model):
+        kl = layer.kl_divergence()
+        total = kl if total is None else total + kl
+    if total is None:
+        param = next(model.parameters(), None)
+        return torch.zeros((), device=None if param is None else param.device)
+    return total
