@@ -140,7 +140,9 @@ _DERIVATIVES: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
     nn.ReLU: lambda m, x: (x > 0).to(x.dtype),
     nn.Sigmoid: lambda m, x: torch.sigmoid(x) * (1 - torch.sigmoid(x)),
     nn.Tanh: lambda m, x: 1 - torch.tanh(x).square(),
-    nn.LeakyReLU: lambda m, x: torch.where(x > 0, 1.0, _leaky_slope(m)).to(x.dtype),
+    nn.LeakyReLU: lambda m, x: torch.where(
+        x > 0, torch.ones_like(x), torch.full_like(x, _leaky_slope(m))
+    ),
     nn.Identity: lambda m, x: torch.ones_like(x),
 }
 

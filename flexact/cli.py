@@ -12,6 +12,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 import flexact
+
 # Imported so that configs can use short class names (TemperatureAnnealing, SyntheticDataModule).
 import flexact.callbacks
 import flexact.datamodules

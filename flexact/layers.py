@@ -181,7 +181,7 @@ class FlexAct(nn.Module):
                 "granularity='channel' needs num_channels (a positive int, the size of the "
                 f"channel dimension); got {num_channels!r}"
             )
-        if not (math.isfinite(kl_lambda) and kl_lambda > 0):
+        if not (isinstance(kl_lambda, (int, float)) and math.isfinite(kl_lambda) and kl_lambda > 0):
             raise ConfigError(f"kl_lambda must be a finite number > 0, got {kl_lambda!r}")
         candidate_kwargs = dict(candidate_kwargs or {})
         unknown = sorted(set(candidate_kwargs) - set(names))
@@ -205,6 +205,13 @@ class FlexAct(nn.Module):
         self.register_buffer("temperature", torch.tensor(_check_tau(tau)))
         # Pseudo-probabilities p̃ from the last training forward; a target, never differentiated.
         self._targets: Tensor | None = None
+
+    def _apply(self, fn: Any, recurse: bool = True) -> FlexAct:
+        # Keep τ in float32 when the model is cast (bf16 would round τ = 0.3 to 0.30078).
+        tau = self.temperature.float()
+        super()._apply(fn, recurse)
+        self.temperature = tau.to(self.temperature.device)
+        return self
 
     @property
     def tau(self) -> float:
@@ -255,7 +262,14 @@ class FlexAct(nn.Module):
         Returns:
             The activated tensor, shaped like ``x``.
         """
-        channel_dim = self.channel_dim % x.dim() if self.num_channels is not None else None
+        channel_dim = None
+        if self.num_channels is not None:
+            if x.dim() < 2 or not -x.dim() <= self.channel_dim < x.dim():
+                raise ValueError(
+                    f"FlexAct channel_dim={self.channel_dim} is not a non-batch dimension of the "
+                    f"input of shape {tuple(x.shape)}"
+                )
+            channel_dim = self.channel_dim % x.dim()
         if channel_dim is not None and x.shape[channel_dim] != self.num_channels:
             raise ValueError(
                 f"FlexAct expected {self.num_channels} channels in dim {self.channel_dim}, "
@@ -296,13 +310,18 @@ class FlexAct(nn.Module):
         Returns:
             ``(p,)`` for a per-layer layer, ``(C, p)`` per channel.
         """
-        h = x.detach().float()
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        h = x.detach().to(dtype)
         if h.dim() == 1:
             h = h.unsqueeze(-1)
-        w = None if input_weight is None else input_weight.detach().float()
+        w = None if input_weight is None else input_weight.detach().to(dtype)
         norms = []
         for act in self.candidates:
-            d = activation_derivative(act, h)
+            param = next(act.parameters(), None)
+            if param is None or param.dtype == dtype:
+                d = activation_derivative(act, h)
+            else:  # differentiate a parameterized candidate in its own dtype
+                d = activation_derivative(act, h.to(param.dtype)).to(dtype)
             if channel_dim is None and w is not None:
                 g = (d @ w).norm(dim=-1)  # ∇ₓ Σₒ σ(hₒ) = σ'(h) W, per sample
             elif channel_dim is None:
@@ -415,7 +434,8 @@ class FlexActHead(nn.Module):
         super().__init__()
         for label, value in (("in_features", in_features), ("out_features", out_features),
                              ("hidden_features", hidden_features)):
-            if value is not None and (not isinstance(value, int) or value < 1):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
                 raise ConfigError(f"{label} must be a positive int, got {value!r}")
         width = hidden_features or out_features
         self.linear = nn.Linear(in_features, width)

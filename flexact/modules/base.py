@@ -53,14 +53,19 @@ def strip_classifier(backbone: nn.Module) -> int | None:
     return None
 
 
-def _module_argument_names(frame: Any) -> list[str]:
-    """Init arguments (of this class and subclasses) whose values are ``nn.Module`` instances."""
+def _unsaved_argument_names(frame: Any) -> list[str]:
+    """Init arguments (of this class and subclasses) not to keep in ``hparams``.
+
+    Modules are saved in the state dict already, and callables (optimizer factories) are code,
+    which checkpoints loaded with ``weights_only=True`` must not contain.
+    """
     if _given_hyperparameters is not None and _given_hyperparameters.get() is not None:
         return []  # LightningCLI passes the modules' configs, which are worth keeping
     init_args: dict[str, Any] = {}
     for local_args in collect_init_args(frame, [], classes=(HyperparametersMixin,)):
         init_args.update(local_args)
-    return [name for name, value in init_args.items() if isinstance(value, nn.Module)]
+    return [name for name, value in init_args.items()
+            if isinstance(value, nn.Module) or callable(value)]
 
 
 class FlexActModule(L.LightningModule):
@@ -121,7 +126,7 @@ class FlexActModule(L.LightningModule):
         example_input_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=_module_argument_names(inspect.currentframe()))
+        self.save_hyperparameters(ignore=_unsaved_argument_names(inspect.currentframe()))
         self.num_outputs = num_outputs if num_outputs is not None else self.default_num_outputs
         if self.num_outputs is None or self.num_outputs < 1:
             raise ConfigError(

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from flexact import ConfigError, FlexAct
+from flexact.callbacks import TemperatureAnnealing
+from flexact.datamodules import SyntheticDataModule
+from flexact.modules import FlexActClassifier, FlexActRegressor
+
+
+def _trainer(tmp_path: Path, **kwargs: object) -> L.Trainer:
+    defaults: dict[str, object] = dict(
+        default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def _blobs(n: int = 256, classes: int = 3, dim: int = 8, seed: int = 0) -> TensorDataset:
+    gen = torch.Generator().manual_seed(seed)
+    centers = 3 * torch.randn(classes, dim, generator=gen)
+    y = torch.randint(0, classes, (n,), generator=gen)
+    x = centers[y] + torch.randn(n, dim, generator=gen)
+    return TensorDataset(x, y)
+
+
+class Features(nn.Module):
+    """A user backbone that advertises its feature size."""
+
+    out_features = 16
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def test_regressor_learns_synthetic_relu(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    dm = SyntheticDataModule(truth="relu", n_train=1024, n_val=256, batch_size=64)
+    model = FlexActRegressor(in_features=4, optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+    trainer = _trainer(tmp_path, max_epochs=4)
+    trainer.fit(model, dm)
+    dm.setup("test")
+    x, y = dm.splits["test"].tensors
+    model.eval()
+    with torch.no_grad():
+        mse = nn.functional.mse_loss(model(x), y).item()
+    assert mse < 0.5 * y.var().item()  # far better than predicting the mean
+    assert model.head.flexact.selected()[0] in {"relu", "leaky_relu"}
+    assert "train_kl" in trainer.logged_metrics and "val_mse" in trainer.logged_metrics
+
+
+def test_backbone_feature_inference() -> None:
+    resnet = torchvision.models.resnet18(num_classes=7)
+    model = FlexActClassifier(backbone=resnet, num_outputs=10, hidden_features=32)
+    assert isinstance(model.backbone.fc, nn.Identity)
+    assert model.head.linear.in_features == 512
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+    mobilenet = torchvision.models.mobilenet_v3_small(num_classes=5)
+    model = FlexActClassifier(backbone=mobilenet, num_outputs=4)
+    assert model.head.linear.in_features == 1024
+
+    assert FlexActClassifier(backbone=Features(), num_outputs=3).head.linear.in_features == 16
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
+    model = FlexActClassifier(backbone=conv, num_outputs=3, example_input_shape=[1, 6, 6])
+    assert model.head.linear.in_features == 4 * 4 * 4
+    with pytest.raises(ConfigError, match="cannot infer in_features"):
+        FlexActClassifier(backbone=nn.Sequential(nn.Conv2d(1, 4, 3)), num_outputs=3)
+    with pytest.raises(ConfigError, match="num_outputs"):
+        FlexActClassifier(in_features=3)
+    with pytest.raises(ConfigError, match=">= 2 classes"):
+        FlexActClassifier(in_features=3, num_outputs=1)
+
+
+def test_hparams_skip_module_arguments_but_keep_subclass_ones() -> None:
+    class Custom(FlexActClassifier):
+        def __init__(self, extra: int = 5, **kwargs: object) -> None:
+            super().__init__(**kwargs)  # type: ignore[arg-type]
+
+    model = Custom(extra=9, backbone=Features(), num_outputs=3, alpha=0.1)
+    assert "backbone" not in model.hparams
+    assert model.hparams.extra == 9 and model.hparams.alpha == 0.1
+
+
+def test_selection_parameters_get_no_weight_decay() -> None:
+    model = FlexActRegressor(
+        backbone=nn.Sequential(nn.Linear(4, 6), nn.PReLU()), in_features=6,
+        candidates=["relu", "swish_beta"],
+        optimizer=lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.5),
+    )
+    optimizer = model.configure_optimizers()
+    by_id = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert by_id[id(model.head.flexact.logits)] == 0.0
+    assert by_id[id(model.head.flexact.candidates[1].beta)] == 0.0
+    assert by_id[id(model.backbone[1].weight)] == 0.0  # PReLU slope
+    assert by_id[id(model.head.linear.weight)] == 0.5
+    assert len(by_id) == sum(1 for _ in model.parameters())
+    decayed = FlexActRegressor(in_features=4, selection_weight_decay=True,
+                               optimizer=lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.5))
+    groups = decayed.configure_optimizers().param_groups
+    assert all(g["weight_decay"] == 0.5 for g in groups)
+
+
+def test_scheduler_is_injected() -> None:
+    model = FlexActRegressor(
+        in_features=4, lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2)
+    )
+    config = model.configure_optimizers()
+    assert isinstance(config["lr_scheduler"]["scheduler"], torch.optim.lr_scheduler.StepLR)
+
+
+def test_alpha_zero_skips_regularizer_measurement() -> None:
+    model = FlexActRegressor(in_features=4, alpha=0.0)
+    assert model.head.flexact.regularize is False
+    model.train()
+    model(torch.randn(8, 4))
+    assert model.head.flexact._targets is None
+
+
+def test_predict_step_returns_class_indices(tmp_path: Path) -> None:
+    model = FlexActClassifier(in_features=8, num_outputs=3, hidden_features=16)
+    loader = DataLoader(_blobs(32), batch_size=8)
+    predictions = _trainer(tmp_path).predict(model, loader)
+    assert predictions is not None
+    out = torch.cat(predictions)  # type: ignore[arg-type]
+    assert out.shape == (32,) and out.dtype == torch.long and int(out.max()) < 3
+
+
+class ProjectClassifier(FlexActClassifier):
+    """A downstream project: overrides one hook, keeps the training step."""
+
+    def configure_models(self) -> None:
+        self.backbone = nn.Sequential(nn.Linear(8, 24), nn.Tanh())
+        self.head = nn.Sequential(nn.Linear(24, 16), FlexAct(candidates=["relu", "tanh"]),
+                                  nn.Linear(16, self.num_outputs))
+
+
+def test_downstream_subclass_trains_and_reloads(tmp_path: Path) -> None:
+    L.seed_everything(1)
+    train = DataLoader(_blobs(256), batch_size=32, shuffle=True)
+    val = DataLoader(_blobs(64, seed=0), batch_size=32)
+    model = ProjectClassifier(num_outputs=3, optimizer=lambda p: torch.optim.Adam(p, lr=0.02))
+    checkpoint = ModelCheckpoint(dirpath=tmp_path)
+    trainer = _trainer(tmp_path, max_epochs=5, enable_checkpointing=True, callbacks=[checkpoint])
+    trainer.fit(model, train, val)
+    assert trainer.logged_metrics["val_acc"] > 0.8
+    restored = ProjectClassifier.load_from_checkpoint(checkpoint.best_model_path)
+    model.eval()
+    restored.eval()
+    x = next(iter(val))[0]
+    assert torch.equal(model(x), restored(x))
+    assert isinstance(restored.head[1], FlexAct)
+
+
+class TauRecorder(L.Callback):
+    def __init__(self) -> None:
+        self.taus: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: object, batch_idx: int) -> None:
+        self.taus[trainer.global_step] = pl_module.head.flexact.tau
+
+
+def _annealed_run(tmp_path: Path, max_steps: int, ckpt_path: str | None = None,
+                  every: int | None = None) -> tuple[TauRecorder, ModelCheckpoint | None]:
+    L.seed_everything(0)
+    dm = SyntheticDataModule(n_train=256, n_val=64, batch_size=32)
+    model = FlexActRegressor(in_features=4)
+    recorder = TauRecorder()
+    callbacks: list[L.Callback] = [
+        TemperatureAnnealing(start=2.0, end=0.1, total=40), recorder,
+    ]
+    checkpoint = None
+    if every:
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=every,
+                                     save_top_k=-1)
+        callbacks.append(checkpoint)
+    trainer = _trainer(tmp_path, max_steps=max_steps, callbacks=callbacks,
+                       enable_checkpointing=every is not None, limit_val_batches=0)
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return recorder, checkpoint
+
+
+def test_resume_continues_temperature(tmp_path: Path) -> None:
+    full, checkpoint = _annealed_run(tmp_path, max_steps=40, every=16)
+    assert checkpoint is not None
+    mid = tmp_path / "ckpt" / "epoch=1-step=16.ckpt"
+    assert mid.exists(), sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    resumed, _ = _annealed_run(tmp_path / "resume", max_steps=40, ckpt_path=str(mid))
+    assert min(resumed.taus) == 16  # continued at the checkpoint's step, not at 0
+    for step, tau in resumed.taus.items():
+        assert tau == pytest.approx(full.taus[step], rel=1e-6)
+    assert full.taus[0] == pytest.approx(2.0) and full.taus[39] < full.taus[16] < 2.0
