@@ -200,6 +200,8 @@ class FlexAct(nn.Module):
         self.eval_mode: EvalMode = eval_mode
         self.kl_lambda = float(kl_lambda)
         self.regularize = bool(regularize)
+        # Committed: the pick is final; train and eval both apply exactly the picked activation.
+        self.committed = False
         shape = (len(names),) if self.num_channels is None else (self.num_channels, len(names))
         self.logits = nn.Parameter(_prior_logits(prior, len(names)).expand(shape).clone())
         self.register_buffer("temperature", torch.tensor(_check_tau(tau)))
@@ -275,6 +277,8 @@ class FlexAct(nn.Module):
                 f"FlexAct expected {self.num_channels} channels in dim {self.channel_dim}, "
                 f"got input of shape {tuple(x.shape)}"
             )
+        if self.committed:
+            return self._apply_pick(x, channel_dim)
         if not self.training:
             if self.eval_mode == "argmax":
                 return self._apply_pick(x, channel_dim)
@@ -340,13 +344,23 @@ class FlexAct(nn.Module):
         g = self.gradient_norms(x, input_weight, channel_dim)
         return torch.softmax(-g / self.kl_lambda, dim=-1).to(self.logits.dtype)
 
+    def commit(self, committed: bool = True) -> None:
+        """Fix the selection: from now on train and eval apply exactly the picked activation.
+
+        The weights then fine-tune to the pick (the logits and the regularizer stop training).
+        ``commit(False)`` resumes selection.
+        """
+        self.committed = bool(committed)
+        if self.committed:
+            self._targets = None
+
     def kl_divergence(self) -> Tensor:
         """``KL(p̃ ‖ p)`` between the last measured pseudo-probabilities and ``softmax(logits)``.
 
-        Averaged over channels for ``granularity="channel"``; zero before any training forward.
-        Only the logits receive gradient.
+        Averaged over channels for ``granularity="channel"``; zero before any training forward
+        and once the layer is committed. Only the logits receive gradient.
         """
-        if self._targets is None:
+        if self._targets is None or self.committed:
             return self.logits.new_zeros(())
         target = self._targets
         log_p = torch.log_softmax(self.logits, dim=-1)

@@ -59,7 +59,7 @@ def test_regressor_learns_synthetic_relu(tmp_path: Path) -> None:
         mse = nn.functional.mse_loss(model(x), y).item()
     assert mse < 0.5 * y.var().item()  # far better than predicting the mean
     assert model.head.flexact.selected()[0] in {"relu", "leaky_relu"}
-    assert "train_kl" in trainer.logged_metrics and "val_mse" in trainer.logged_metrics
+    assert "train_regularizer" in trainer.logged_metrics and "val_mse" in trainer.logged_metrics
 
 
 def test_backbone_feature_inference() -> None:

@@ -9,6 +9,7 @@ import lightning as L
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
+from flexact.callbacks.progress import progress_position, run_length
 from flexact.errors import ConfigError
 from flexact.layers import flexact_layers
 
@@ -91,24 +92,11 @@ class TemperatureAnnealing(Callback):
         return self._generate_state_key(start=self.start, end=self.end, schedule=self.schedule,
                                         interval=self.interval)
 
-    def _total(self, trainer: L.Trainer) -> int:
-        if self.total is not None:
-            return self.total
-        if self.interval == "epoch":
-            if trainer.max_epochs is None or trainer.max_epochs < 0:
-                raise ConfigError("TemperatureAnnealing(interval='epoch') needs trainer "
-                                  "max_epochs or an explicit total")
-            return max(trainer.max_epochs, 1)
-        total = trainer.estimated_stepping_batches
-        if not math.isfinite(total):
-            raise ConfigError("TemperatureAnnealing cannot tell the run's length (infinite "
-                              "training): set its total")
-        return max(int(total), 1)
-
     def tau_for(self, trainer: L.Trainer) -> float:
         """τ for the trainer's current progress."""
-        position = trainer.global_step if self.interval == "step" else trainer.current_epoch
-        span = max(self._total(trainer) - self.warmup, 1)
+        position = progress_position(trainer, self.interval)
+        total = run_length(trainer, self.interval, self.total, "TemperatureAnnealing")
+        span = max(total - self.warmup, 1)
         return temperature_at((position - self.warmup) / span, self.start, self.end,
                               self.schedule)
 

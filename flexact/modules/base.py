@@ -207,10 +207,10 @@ class FlexActModule(L.LightningModule):
         y = self.targets_like(outputs, y)
         task_loss = self.criterion(outputs, y)
         batch_size = x.shape[0]
-        if stage == "train" and self.hparams.alpha > 0:
-            kl = selection_kl(self)
-            loss = task_loss + self.hparams.alpha * kl
-            self.log("train_kl", kl, batch_size=batch_size)
+        regularizer = self.regularizer() if stage == "train" else None
+        if regularizer is not None:
+            loss = task_loss + regularizer
+            self.log("train_regularizer", regularizer, batch_size=batch_size)
             self.log("train_task_loss", task_loss, batch_size=batch_size)
         else:
             loss = task_loss
@@ -220,6 +220,15 @@ class FlexActModule(L.LightningModule):
         metrics.update(self.metric_inputs(outputs), y)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         return loss
+
+    def regularizer(self) -> Tensor | None:
+        """The term added to the training loss: α·Σ KL(p̃ ‖ p) over every FlexAct layer.
+
+        ``None`` when α = 0. Override to weight layers differently or add other penalties.
+        """
+        if self.hparams.alpha <= 0:
+            return None
+        return self.hparams.alpha * selection_kl(self)
 
     def metric_inputs(self, outputs: Tensor) -> Tensor:
         """Transform model outputs before they reach the metrics (identity by default)."""

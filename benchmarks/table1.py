@@ -1,0 +1,250 @@
+"""Reproduce Table 1 of the FlexAct paper (METHOD.md §3.1): synthetic activation recovery.
+
+Five hidden truths × five seeds × seven models (FlexAct α = 0.3, FlexAct α = 0, and the five
+fixed activations). Hyperparameters (epochs, learning rate, τ schedule, λ, data sizes, batch
+size) are read from ``configs/synthetic.yaml`` so the benchmark and the shipped config agree.
+
+Speed: per truth, all 35 single-layer models train side by side in one LightningModule and one
+Trainer (their parameters are disjoint and the loss is a sum of per-model losses, so Adam steps
+each model exactly as if it trained alone on the same batches). A fixed activation is a
+FlexAct head with one candidate (its selection is constant, its KL zero).
+
+Usage: ``python benchmarks/table1.py [--seeds 5] [--epochs N] [--no-write]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from torch import Tensor, nn
+
+from flexact import FlexActHead
+from flexact.callbacks import SelectionCommit, TemperatureAnnealing
+from flexact.datamodules import SyntheticDataModule
+from flexact.modules import FlexActRegressor
+
+REPO = Path(__file__).resolve().parents[1]
+TRUTHS = ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]
+MODELS = ["FlexAct α=0.3", "FlexAct α=0", *TRUTHS]
+COMMITTED = ["FlexAct α=0.3 + commit", "FlexAct α=0 + commit"]  # with SelectionCommit
+PAPER = {  # METHOD.md Table 1: mean MSE per model (row) and truth (column)
+    "FlexAct α=0.3": [0.0001, 0.0011, 0.0001, 0.0001, 0.0000],
+    "FlexAct α=0": [0.0001, 0.0059, 0.0021, 0.0001, 0.0000],
+    "relu": [0.0000, 0.0059, 0.4328, 0.0004, 4.1675],
+    "sigmoid": [2.1360, 0.0000, 0.4020, 2.1365, 6.3056],
+    "tanh": [2.2941, 0.0141, 0.0000, 2.2909, 4.2737],
+    "leaky_relu": [0.0004, 0.0059, 0.4286, 0.0000, 4.0787],
+    "identity": [0.5209, 0.0078, 0.0985, 0.5105, 0.0000],
+}
+EQUIVALENT = {frozenset({"relu", "leaky_relu"})}  # they differ only by slope 0.01 below zero
+
+
+class SideBySide(FlexActRegressor):
+    """Many independent single-layer models (affine 4→1 → FlexAct) trained in one module.
+
+    Args:
+        specs: One dict per model: ``candidates``, ``alpha`` and ``seed`` (initialization).
+        **kwargs: Passed to :class:`FlexActRegressor`.
+    """
+
+    def __init__(self, specs: list[dict[str, Any]], **kwargs: Any) -> None:
+        self.specs = specs
+        super().__init__(**kwargs)
+        for spec, head in zip(specs, self.heads, strict=True):
+            head.flexact.regularize = spec["alpha"] > 0
+
+    def configure_models(self) -> None:
+        heads = []
+        for spec in self.specs:
+            torch.manual_seed(spec["seed"])
+            heads.append(FlexActHead(self.hparams.in_features, 1, candidates=spec["candidates"],
+                                     kl_lambda=self.hparams.kl_lambda))
+        self.heads = nn.ModuleList(heads)
+
+    def configure_losses(self) -> None:
+        # Sum over models of each model's mean-squared error: independent gradients.
+        self.criterion = lambda out, y: (out - y).square().mean(0).sum()
+
+    def configure_metrics(self) -> None:
+        super(FlexActRegressor, self).configure_metrics()  # none: MSE is computed at the end
+
+    def targets_like(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return targets
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.cat([head(x) for head in self.heads], dim=1)
+
+    def regularizer(self) -> Tensor | None:
+        terms = [spec["alpha"] * head.flexact.kl_divergence()
+                 for spec, head in zip(self.specs, self.heads, strict=True) if spec["alpha"] > 0]
+        return torch.stack(terms).sum() if terms else None
+
+
+def load_config() -> dict[str, Any]:
+    with open(REPO / "configs" / "synthetic.yaml") as handle:
+        return yaml.safe_load(handle)
+
+
+def model_specs(models: list[str], seeds: int) -> list[dict[str, Any]]:
+    specs = []
+    for model in models:
+        for seed in range(seeds):
+            if model.startswith("FlexAct"):
+                alpha = 0.3 if "α=0.3" in model else 0.0
+                specs.append({"model": model, "candidates": TRUTHS, "alpha": alpha, "seed": seed})
+            else:
+                specs.append({"model": model, "candidates": [model], "alpha": 0.0, "seed": seed})
+    return specs
+
+
+def _callback_args(config: dict[str, Any], name: str) -> dict[str, Any] | None:
+    return next((c.get("init_args", {}) for c in config["trainer"]["callbacks"]
+                 if c["class_path"].endswith(name)), None)
+
+
+def run_truth(truth: str, models: list[str], seeds: int, config: dict[str, Any],
+              epochs: int | None, commit: bool) -> list[dict]:
+    model_args = config["model"]["init_args"]
+    data_args = dict(config["data"]["init_args"], truth=truth)
+    callbacks: list[L.Callback] = [
+        TemperatureAnnealing(**(_callback_args(config, "TemperatureAnnealing") or {}))
+    ]
+    if commit:
+        callbacks.append(SelectionCommit(**(_callback_args(config, "SelectionCommit") or {})))
+    lr = model_args["optimizer"]["init_args"]["lr"]
+    L.seed_everything(config.get("seed_everything", 0), verbose=False)
+    specs = model_specs(models, seeds)
+    data = SyntheticDataModule(**data_args)
+    module = SideBySide(
+        specs, in_features=data.num_features, kl_lambda=model_args["kl_lambda"],
+        optimizer=lambda params: torch.optim.Adam(params, lr=lr),
+    )
+    trainer = L.Trainer(
+        max_epochs=epochs or config["trainer"]["max_epochs"], accelerator="cpu", logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, callbacks=callbacks,
+    )
+    trainer.fit(module, data)
+    data.setup("test")
+    x, y = data.splits["test"].tensors
+    module.eval()
+    with torch.no_grad():
+        mse = (module(x) - y).square().mean(0)
+    rows = []
+    for j, (spec, head) in enumerate(zip(specs, module.heads, strict=True)):
+        pick = head.flexact.selected()[0] if spec["model"].startswith("FlexAct") else None
+        rows.append({"truth": truth, "model": spec["model"], "seed": spec["seed"],
+                     "mse": float(mse[j]), "pick": pick})
+    return rows
+
+
+def correct(pick: str, truth: str) -> bool:
+    return pick == truth or frozenset({pick, truth}) in EQUIVALENT
+
+
+def summarize(rows: list[dict]) -> tuple[str, dict[str, Any]]:
+    table: dict[str, list[tuple[float, float]]] = {}
+    for model in MODELS + COMMITTED:
+        table[model] = []
+        for truth in TRUTHS:
+            values = [r["mse"] for r in rows if r["model"] == model and r["truth"] == truth]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            table[model].append((statistics.fmean(values), std))
+    lines = ["| model | " + " | ".join(TRUTHS) + " |", "|---" * (len(TRUTHS) + 1) + "|"]
+    for model in MODELS + COMMITTED:
+        paper = PAPER.get(model, [float("nan")] * len(TRUTHS))
+        cells = [f"{m:.4f} ± {s:.4f}" + ("" if p != p else f" ({p:.4f})")
+                 for (m, s), p in zip(table[model], paper, strict=True)]
+        lines.append(f"| {model} | " + " | ".join(cells) + " |")
+    fixed = MODELS[2:]
+    stats: dict[str, Any] = {"ranks": {}, "correct": {}, "runs": 0}
+    for flexact_model in ("FlexAct α=0.3", "FlexAct α=0", *COMMITTED):
+        ranks = []
+        for t, truth in enumerate(TRUTHS):
+            order = sorted([flexact_model, *fixed], key=lambda m: table[m][t][0])
+            ranks.append((truth, order.index(flexact_model) + 1))
+        stats["ranks"][flexact_model] = ranks
+        runs = [r for r in rows if r["model"] == flexact_model]
+        stats["correct"][flexact_model] = sum(correct(r["pick"], r["truth"]) for r in runs)
+        stats["runs"] = len(runs)
+    picks = ["", "Picks (seed 0…n) per truth:", "",
+             "| truth | " + " | ".join(["FlexAct α=0.3", "FlexAct α=0", *COMMITTED]) + " |",
+             "|---" * 5 + "|"]
+    for truth in TRUTHS:
+        cells = [", ".join(r["pick"] for r in rows if r["model"] == m and r["truth"] == truth)
+                 for m in ("FlexAct α=0.3", "FlexAct α=0", *COMMITTED)]
+        picks.append(f"| {truth} | " + " | ".join(cells) + " |")
+    summary = [""]
+    for model, ranks in stats["ranks"].items():
+        summary.append(
+            f"- {model}: picked the truth in {stats['correct'][model]}/{stats['runs']} runs; "
+            "rank by mean MSE among itself and the five fixed activations: "
+            + ", ".join(f"{t} {r}" for t, r in ranks) + "."
+        )
+    summary.append("- ReLU and LeakyReLU count as each other for picks.")
+    return "\n".join(lines + summary + picks), stats
+
+
+def write_results(text: str, command: str, seconds: float) -> None:
+    path = REPO / "benchmarks" / "RESULTS.md"
+    existing = path.read_text() if path.exists() else "# Benchmark results\n"
+    section = (
+        "<!-- table1:start -->\n## Table 1: synthetic recovery (METHOD.md §3.1)\n\n"
+        f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU. "
+        f"Date: {datetime.date.today().isoformat()}. Command: `{command}`. "
+        f"Wall time: {seconds:.0f} s.\n\n"
+        "Cells: mean ± std of test MSE over seeds (the paper's mean in parentheses); FlexAct is "
+        "evaluated in eval mode, i.e. with exactly its picked activation.\n\n"
+        f"{text}\n<!-- table1:end -->\n"
+    )
+    pattern = re.compile(r"<!-- table1:start -->.*?<!-- table1:end -->\n", re.S)
+    updated = pattern.sub(lambda _: section, existing) if pattern.search(existing) else (
+        existing.rstrip("\n") + "\n\n" + section)
+    path.write_text(updated)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per model and truth")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="override max_epochs of configs/synthetic.yaml")
+    parser.add_argument("--truths", nargs="+", default=TRUTHS, choices=TRUTHS)
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = parser.parse_args(argv)
+    config = load_config()
+    start = time.perf_counter()
+    rows: list[dict] = []
+    for truth in args.truths:
+        t0 = time.perf_counter()
+        rows.extend(run_truth(truth, MODELS, args.seeds, config, args.epochs, commit=False))
+        rows.extend(run_truth(truth, COMMITTED, args.seeds, config, args.epochs, commit=True))
+        print(f"[{truth}] trained {len(MODELS + COMMITTED) * args.seeds} models in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
+    seconds = time.perf_counter() - start
+    if args.truths != TRUTHS:
+        for r in rows:
+            print(r)
+        return {}
+    text, stats = summarize(rows)
+    print(text)
+    print(f"total {seconds:.0f} s")
+    if not args.no_write:
+        write_results(text, "python " + " ".join(["benchmarks/table1.py", *sys.argv[1:]]), seconds)
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Training progress as a pure function of the trainer state (shared by the callbacks)."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+
+from flexact.errors import ConfigError
+
+__all__ = ["progress_position", "run_length"]
+
+Interval = Literal["step", "epoch"]
+
+
+def run_length(trainer: L.Trainer, interval: Interval, total: int | None, owner: str) -> int:
+    """Number of ``interval`` units in the run: ``total`` if given, else the trainer's length.
+
+    Raises:
+        ConfigError: If the run's length is unknown (no max_epochs / max_steps) and no total.
+    """
+    if total is not None:
+        return total
+    if interval == "epoch":
+        if trainer.max_epochs is None or trainer.max_epochs < 0:
+            raise ConfigError(f"{owner}(interval='epoch') needs trainer max_epochs or an "
+                              "explicit total")
+        return max(trainer.max_epochs, 1)
+    steps = trainer.estimated_stepping_batches
+    if not math.isfinite(steps):
+        raise ConfigError(f"{owner} cannot tell the run's length (infinite training): set its "
+                          "total")
+    return max(int(steps), 1)
+
+
+def progress_position(trainer: L.Trainer, interval: Interval) -> int:
+    """Optimizer steps or epochs done so far; identical on every rank and after a resume."""
+    return trainer.global_step if interval == "step" else trainer.current_epoch

@@ -1,0 +1,133 @@
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+
+from flexact import ConfigError
+from flexact.callbacks import SelectionLogger, TemperatureAnnealing, temperature_at
+from flexact.datamodules import SyntheticDataModule
+from flexact.modules import FlexActRegressor
+
+
+@pytest.mark.parametrize("schedule", ["exponential", "linear", "cosine", "constant"])
+def test_schedule_endpoints_and_monotonicity(schedule: str) -> None:
+    values = [temperature_at(i / 10, 2.0, 0.1, schedule) for i in range(11)]  # type: ignore[arg-type]
+    assert values[0] == pytest.approx(2.0)
+    assert values[-1] == pytest.approx(2.0 if schedule == "constant" else 0.1)
+    assert all(a >= b for a, b in itertools.pairwise(values))
+
+
+def test_schedule_shapes() -> None:
+    assert temperature_at(0.5, 1.0, 0.01, "exponential") == pytest.approx(0.1)
+    assert temperature_at(0.5, 1.0, 0.0 + 0.2, "linear") == pytest.approx(0.6)
+    assert temperature_at(0.25, 1.0, 0.2, "cosine") == pytest.approx(
+        0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert temperature_at(-1.0, 1.0, 0.1, "linear") == 1.0  # clamped
+    assert temperature_at(3.0, 1.0, 0.1, "linear") == pytest.approx(0.1)
+
+
+def test_bad_annealing_arguments() -> None:
+    with pytest.raises(ConfigError, match="start must be a finite number > 0"):
+        TemperatureAnnealing(start=0.0)
+    with pytest.raises(ConfigError, match="end must be a finite number > 0"):
+        TemperatureAnnealing(end=float("nan"))
+    with pytest.raises(ConfigError, match="schedule"):
+        TemperatureAnnealing(schedule="stepwise")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="interval"):
+        TemperatureAnnealing(interval="batch")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="warmup < total"):
+        TemperatureAnnealing(warmup=10, total=5)
+    with pytest.raises(ValueError, match="every_n_steps"):
+        SelectionLogger(every_n_steps=0)
+
+
+def _fit(tmp_path: Path, callbacks: list[L.Callback], **trainer_kwargs: object) -> L.Trainer:
+    L.seed_everything(0)
+    dm = SyntheticDataModule(n_train=256, n_val=64, batch_size=32)
+    model = FlexActRegressor(in_features=4, hidden_features=3)
+    options: dict[str, object] = dict(
+        default_root_dir=tmp_path, accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False, max_epochs=2,
+        logger=CSVLogger(tmp_path, name="run"), log_every_n_steps=1,
+    )
+    options.update(trainer_kwargs)
+    trainer = L.Trainer(callbacks=callbacks, **options)
+    trainer.fit(model, dm)
+    return trainer
+
+
+def _csv_rows(trainer: L.Trainer) -> list[dict[str, str]]:
+    import csv
+
+    assert trainer.log_dir is not None
+    with open(Path(trainer.log_dir) / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_annealing_applies_to_layers_and_logs_tau(tmp_path: Path) -> None:
+    annealing = TemperatureAnnealing(start=1.0, end=0.1, warmup=4)
+    trainer = _fit(tmp_path, [annealing])
+    rows = [r for r in _csv_rows(trainer) if r.get("tau")]
+    taus = [float(r["tau"]) for r in rows]
+    steps = [int(r["step"]) for r in rows]
+    assert taus[0] == pytest.approx(1.0) and len(taus) > 10
+    assert all(t == pytest.approx(1.0) for s, t in zip(steps, taus, strict=True) if s < 4)
+    assert all(a >= b for a, b in itertools.pairwise(taus))
+    layer = trainer.lightning_module.head.flexact
+    total = trainer.estimated_stepping_batches
+    expected = temperature_at((total - 1 - 4) / (total - 4), 1.0, 0.1, "exponential")
+    assert layer.tau == pytest.approx(expected, rel=1e-5)
+    assert annealing.state_dict()["current_tau"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_annealing_per_epoch(tmp_path: Path) -> None:
+    annealing = TemperatureAnnealing(start=1.0, end=0.25, schedule="linear", interval="epoch")
+    trainer = _fit(tmp_path, [annealing], max_epochs=3)
+    assert trainer.lightning_module.head.flexact.tau == pytest.approx(1.0 - 0.75 * 2 / 3)
+
+
+def test_selection_logger_logs_every_candidate_and_writes_json(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    logger = SelectionLogger(every_n_steps=2)
+    with caplog.at_level("INFO"):
+        trainer = _fit(tmp_path, [logger])
+    rows = _csv_rows(trainer)
+    columns = set(rows[0])
+    for cand in ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]:
+        assert f"selection/head.flexact/{cand}" in columns
+    assert "selection/head.flexact/entropy" in columns and "selection/head.flexact/pick" in columns
+    logged = [r for r in rows if r.get("selection/head.flexact/relu")]
+    assert len(logged) >= 8  # every 2 of 16 steps, plus epoch ends
+    probs = [float(logged[-1][f"selection/head.flexact/{c}"])
+             for c in ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+    path = Path(trainer.log_dir or "") / "selection.json"
+    summary = json.loads(path.read_text())
+    layer = trainer.lightning_module.head.flexact
+    assert summary["head.flexact"]["pick"] == layer.selected()[0]
+    assert summary["head.flexact"]["probabilities"] == pytest.approx(
+        layer.probabilities().tolist(), abs=1e-5)
+    assert "FlexAct selection" in caplog.text and layer.selected()[0] in caplog.text
+
+
+def test_selection_logger_channel_layers_and_no_logger(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    dm = SyntheticDataModule(n_train=64, n_val=32, batch_size=32)
+    model = FlexActRegressor(in_features=4, hidden_features=6, granularity="channel")
+    logger = SelectionLogger(every_n_steps=1)
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=False, max_epochs=1,
+                        callbacks=[logger], enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(model, dm)
+    entry = logger.summary["head.flexact"]
+    assert sum(entry["pick_counts"].values()) == 6
+    assert (tmp_path / "selection.json").exists()
+    assert torch.isfinite(torch.tensor(entry["probabilities"])).all()
