@@ -24,7 +24,10 @@ __all__ = ["FlexActCLI", "build_cli", "main"]
 
 def _data_attribute(name: str) -> Any:
     def compute(datamodule: LightningDataModule) -> Any:
-        return getattr(datamodule, name, None)
+        value = getattr(datamodule, name, None)
+        # Plain ints only: checkpoints are loaded with weights_only=True, which refuses
+        # jsonargparse's restricted number types.
+        return int(value) if isinstance(value, int) else value
 
     return compute
 

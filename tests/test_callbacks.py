@@ -11,7 +11,12 @@ import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from flexact import ConfigError
-from flexact.callbacks import SelectionLogger, TemperatureAnnealing, temperature_at
+from flexact.callbacks import (
+    SelectionCommit,
+    SelectionLogger,
+    TemperatureAnnealing,
+    temperature_at,
+)
 from flexact.datamodules import SyntheticDataModule
 from flexact.modules import FlexActRegressor
 
@@ -131,3 +136,28 @@ def test_selection_logger_channel_layers_and_no_logger(tmp_path: Path) -> None:
     assert sum(entry["pick_counts"].values()) == 6
     assert (tmp_path / "selection.json").exists()
     assert torch.isfinite(torch.tensor(entry["probabilities"])).all()
+
+
+def test_selection_commit_fixes_the_pick_after_the_fraction(tmp_path: Path) -> None:
+    class Spy(L.Callback):
+        def __init__(self) -> None:
+            self.committed: list[bool] = []
+
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                               outputs: object, batch: object, batch_idx: int) -> None:
+            self.committed.append(pl_module.head.flexact.committed)
+
+    spy = Spy()
+    commit = SelectionCommit(at=0.5)
+    trainer = _fit(tmp_path, [commit, spy])  # 2 epochs × 8 steps
+    assert spy.committed == [False] * 8 + [True] * 8
+    layer = trainer.lightning_module.head.flexact
+    assert layer.committed and layer.kl_divergence().item() == 0.0
+    layer.train()
+    x = torch.randn(5, 4)
+    h = trainer.lightning_module.head.linear(x)
+    picked = layer.candidates[layer.candidate_names.index(layer.selected()[0])]
+    assert torch.equal(layer(h), picked(h))  # training forward = exactly the pick
+    assert commit.state_dict()["committed"] is True
+    with pytest.raises(ConfigError, match="fraction"):
+        SelectionCommit(at=1.5)

@@ -98,7 +98,7 @@ class SyntheticDataModule(L.LightningDataModule):
             raise ConfigError(f"n_informative ({n_informative}) cannot exceed n_features "
                               f"({n_features})")
         self.save_hyperparameters()
-        self.num_features = n_features
+        self.num_features = int(n_features)
         self.num_outputs = 1
         self.splits: dict[str, TensorDataset] = {}
 

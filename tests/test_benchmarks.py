@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+import pytest
+
+from .conftest import REPO
+
+
+def _load_table1():
+    spec = importlib.util.spec_from_file_location("table1", REPO / "benchmarks" / "table1.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["table1"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_side_by_side_models_train_independently() -> None:
+    """A model trained beside others must equal the same model trained alone."""
+    table1 = _load_table1()
+    config = table1.load_config()
+    config["data"]["init_args"].update(n_train=128, n_val=32, n_test=64)
+    alone = table1.run_truth("tanh", ["tanh"], 1, config, epochs=1, commit=False)
+    beside = table1.run_truth("tanh", ["relu", "tanh"], 1, config, epochs=1, commit=False)
+    assert alone[0]["model"] == beside[1]["model"] == "tanh"
+    assert alone[0]["mse"] == pytest.approx(beside[1]["mse"], rel=1e-4)
+
+
+def test_table1_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    table1 = _load_table1()
+    stats = table1.main(["--seeds", "2", "--epochs", "1", "--no-write"])
+    out = capsys.readouterr().out
+    assert "| FlexAct α=0.3 |" in out and "(0.4328)" in out  # the paper's numbers beside ours
+    assert stats["runs"] == 10
+    assert set(stats["ranks"]) == {"FlexAct α=0.3", "FlexAct α=0", "FlexAct α=0.3 + commit",
+                                   "FlexAct α=0 + commit"}
+    assert 0 <= stats["correct"]["FlexAct α=0.3"] <= 10
