@@ -5,6 +5,7 @@ Usage: ``flexact fit --config configs/synthetic.yaml`` (also ``validate``, ``tes
 
 from __future__ import annotations
 
+import importlib
 import sys
 from typing import Any
 
@@ -90,10 +91,22 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
         raise SystemExit(2) from None
 
 
+# Subcommands that are not Trainer runs: name → "module:function" taking an argument list.
+EXTRA_COMMANDS: dict[str, str] = {}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``flexact`` command.
+
+    ``flexact fit|validate|test|predict ...`` run LightningCLI; the names in
+    :data:`EXTRA_COMMANDS` dispatch to their own parsers.
 
     Args:
         args: Command-line arguments (default: ``sys.argv[1:]``).
     """
-    build_cli(args)
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in EXTRA_COMMANDS:
+        module_name, function = EXTRA_COMMANDS[argv[0]].split(":")
+        getattr(importlib.import_module(module_name), function)(argv[1:])
+        return
+    build_cli(argv)
