@@ -92,7 +92,7 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
 
 
 # Subcommands that are not Trainer runs: name → "module:function" taking an argument list.
-EXTRA_COMMANDS: dict[str, str] = {}
+EXTRA_COMMANDS: dict[str, str] = {"plot": "flexact.plot:main"}
 
 
 def main(args: list[str] | None = None) -> None:

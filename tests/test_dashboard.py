@@ -1,0 +1,162 @@
+from __future__ import annotations
+
+import csv
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import lightning as L
+import matplotlib.pyplot as plt
+import pytest
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch import nn
+
+from flexact import FlexAct
+from flexact.callbacks import SelectionLogger, TemperatureAnnealing
+from flexact.cli import main
+from flexact.datamodules import SyntheticDataModule
+from flexact.modules import FlexActRegressor
+from flexact.plot import plot_layer, read_history
+
+CANDIDATES = ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 3-epoch run with two FlexAct layers (one per-channel) and TensorBoard."""
+    root = tmp_path_factory.mktemp("dashboard")
+    L.seed_everything(0)
+    backbone = nn.Sequential(nn.Linear(4, 6),
+                             FlexAct(granularity="channel", num_channels=6, channel_dim=1))
+    model = FlexActRegressor(backbone=backbone, in_features=6, hidden_features=5)
+    dm = SyntheticDataModule(truth="tanh", n_train=256, n_val=64, batch_size=32)
+    logger = TensorBoardLogger(root, name="run", version=0)
+    trainer = L.Trainer(
+        default_root_dir=root, logger=logger, max_epochs=3, accelerator="cpu",
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        log_every_n_steps=1,
+        callbacks=[TemperatureAnnealing(start=1.0, end=0.2), SelectionLogger(every_n_steps=4)],
+    )
+    trainer.fit(model, dm)
+    return Path(logger.log_dir)
+
+
+def _accumulator(run_dir: Path) -> EventAccumulator:
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0,
+                                                         "tensors": 0, "histograms": 0})
+    acc.Reload()
+    return acc
+
+
+def test_event_files_hold_layout_series_tau_and_heatmap(run_dir: Path) -> None:
+    acc = _accumulator(run_dir)
+    tags = acc.Tags()
+    layers = ["backbone.1", "head.flexact"]
+    for layer in layers:
+        for cand in CANDIDATES:
+            assert f"selection/{layer}/{cand}" in tags["scalars"]
+        assert f"selection/{layer}/entropy" in tags["scalars"]
+    # custom scalars: one multi-line chart per layer with all its candidates, plus τ and entropy
+    (config,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag)
+              for category in layout.category for chart in category.chart}
+    for layer in layers:
+        assert charts[layer] == [f"selection/{layer}/{c}" for c in CANDIDATES]
+    assert charts["temperature τ"] == ["tau"]
+    assert set(charts["entropy"]) == {f"selection/{layer}/entropy" for layer in layers}
+    taus = [event.value for event in acc.Scalars("tau")]
+    assert len(taus) > 20 and taus[0] == pytest.approx(1.0)
+    assert all(a > b for a, b in zip(taus, taus[1:], strict=False))  # strictly annealing
+    heatmaps = acc.Images("selection/heatmap")
+    assert len(heatmaps) == 3  # one per epoch
+    assert heatmaps[0].width > 100 and heatmaps[0].height > 50
+    assert "selection/backbone.1/relu/channels" in tags["histograms"]
+    assert "selection/head.flexact/relu/channels" not in tags["histograms"]  # per-layer layer
+    assert any(t.startswith("selection/final") for t in tags["tensors"])
+
+
+def test_history_csv_plots_and_json(run_dir: Path) -> None:
+    with open(run_dir / "selection_history.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert set(rows[0]) == {"step", "epoch", "layer", "candidate", "probability", "tau"}
+    head = [r for r in rows if r["layer"] == "head.flexact" and r["candidate"] == "tanh"]
+    steps = [int(r["step"]) for r in head]
+    assert steps[0] == 0 and steps == sorted(set(steps)) and steps[-1] == 24
+    assert float(head[-1]["epoch"]) == pytest.approx(3.0)
+    taus = [float(r["tau"]) for r in head]
+    assert taus[0] > taus[-1]
+    history = read_history(run_dir / "selection_history.csv")
+    assert history.layers == ["backbone.1", "head.flexact"]
+    for layer in history.layers:
+        png = run_dir / f"selection_{layer}.png"
+        image = plt.imread(png)
+        assert image.shape[0] > 200 and image.shape[1] > 300
+    selection = json.loads((run_dir / "selection.json").read_text())
+    assert sum(selection["backbone.1"]["pick_counts"].values()) == 6
+
+
+def test_plot_lines_and_overlay_command(run_dir: Path, tmp_path: Path) -> None:
+    history = read_history(run_dir / "selection_history.csv")
+    fig = plot_layer([history], "head.flexact")
+    assert len(fig.axes[0].get_lines()) == 5
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == CANDIDATES
+    overlay = plot_layer([history, history], "head.flexact", labels=["α=0.3", "α=0"])
+    lines = overlay.axes[0].get_lines()
+    assert len(lines) == 10 and {line.get_linestyle() for line in lines} == {"-", "--"}
+    csv_path = str(run_dir / "selection_history.csv")
+    main(["plot", csv_path, "--compare", csv_path, "--labels", "a", "b", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "selection_backbone.1.png", "selection_head.flexact.png"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plot", str(tmp_path / "missing.csv")])
+    assert exit_info.value.code == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _get_json(url: str) -> object:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_tensorboard_server_serves_series_and_layout(run_dir: Path) -> None:
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir.parent),
+         "--port", str(port), "--host", "127.0.0.1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/data/plugin"
+    try:
+        deadline = time.monotonic() + 90
+        tags: dict = {}
+        while time.monotonic() < deadline:
+            try:
+                tags = _get_json(f"{base}/scalars/tags")  # type: ignore[assignment]
+                if tags.get("version_0", {}).get("tau"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert "selection/head.flexact/tanh" in tags["version_0"]
+        series = _get_json(f"{base}/scalars/scalars?run=version_0&tag=tau")
+        assert isinstance(series, list) and len(series) > 20
+        layout = _get_json(f"{base}/custom_scalars/layout")
+        titles = [c["title"] for c in layout["category"]]  # type: ignore[index]
+        assert titles == ["FlexAct selection", "FlexAct training"]
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
