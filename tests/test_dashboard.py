@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import socket
 import subprocess
@@ -73,7 +74,7 @@ def test_event_files_hold_layout_series_tau_and_heatmap(run_dir: Path) -> None:
     assert set(charts["entropy"]) == {f"selection/{layer}/entropy" for layer in layers}
     taus = [event.value for event in acc.Scalars("tau")]
     assert len(taus) > 20 and taus[0] == pytest.approx(1.0)
-    assert all(a > b for a, b in zip(taus, taus[1:], strict=False))  # strictly annealing
+    assert all(a > b for a, b in itertools.pairwise(taus))  # strictly annealing
     heatmaps = acc.Images("selection/heatmap")
     assert len(heatmaps) == 3  # one per epoch
     assert heatmaps[0].width > 100 and heatmaps[0].height > 50
