@@ -46,6 +46,7 @@ def test_every_config_runs_fast_dev_run(config: Path, tmp_path: Path) -> None:
 def test_fit_then_test_and_predict_from_checkpoint(tmp_path: Path) -> None:
     config = str(REPO / "configs" / "synthetic.yaml")
     common = ["--config", config, "--trainer.default_root_dir", str(tmp_path), *QUIET,
+              "--trainer.logger.init_args.save_dir", str(tmp_path),
               "--data.n_train", "256", "--data.n_val", "64", "--data.n_test", "64"]
     cli = build_cli(["fit", *common, "--trainer.max_epochs", "2"])
     model = cli.model
@@ -119,7 +120,8 @@ def test_quick_start_recovers_each_truth(truth: str, tmp_path: Path) -> None:
     """The README's main job picks the hidden activation, for each of the paper's five."""
     out = subprocess.run(
         [sys.executable, "-m", "flexact", "fit", "--config", "configs/synthetic.yaml",
-         "--data.truth", truth, "--trainer.default_root_dir", str(tmp_path)],
+         "--data.truth", truth, "--trainer.default_root_dir", str(tmp_path),
+         "--trainer.logger.init_args.save_dir", str(tmp_path)],
         capture_output=True, text=True, cwd=REPO, timeout=120, check=True,
     )
     log = out.stdout + out.stderr
