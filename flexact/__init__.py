@@ -14,6 +14,7 @@ from flexact.activations import (
 )
 from flexact.errors import ConfigError
 from flexact.layers import FlexAct, FlexActHead, flexact_layers, mixture, selection_kl
+from flexact.surgery import freeze_selection, swap_activations
 
 __version__ = "0.1.0"
 
@@ -25,8 +26,10 @@ __all__ = [
     "__version__",
     "available_activations",
     "flexact_layers",
+    "freeze_selection",
     "get_activation",
     "mixture",
     "register_activation",
     "selection_kl",
+    "swap_activations",
 ]

@@ -92,7 +92,10 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
 
 
 # Subcommands that are not Trainer runs: name → "module:function" taking an argument list.
-EXTRA_COMMANDS: dict[str, str] = {"plot": "flexact.plot:main"}
+EXTRA_COMMANDS: dict[str, str] = {
+    "plot": "flexact.plot:main",
+    "export": "flexact.export:main",
+}
 
 
 def main(args: list[str] | None = None) -> None:

@@ -25,6 +25,7 @@ __all__ = ["FlexAct", "FlexActHead", "flexact_layers", "mixture", "selection_kl"
 
 Granularity = Literal["layer", "channel"]
 EvalMode = Literal["argmax", "expected"]
+Mode = Literal["gumbel", "blend"]
 
 _U_MIN = torch.finfo(torch.float32).tiny
 _U_MAX = 1.0 - torch.finfo(torch.float32).eps
@@ -154,6 +155,9 @@ class FlexAct(nn.Module):
         regularize: Measure gradient norms in training forwards (turn off when α = 0 to save time).
         candidate_kwargs: Keyword arguments per candidate name, e.g.
             ``{"leaky_relu": {"negative_slope": 0.2}}``.
+        mode: ``"gumbel"``: FlexAct's Gumbel-Softmax sample in training; ``"blend"``: the
+            noise-free softmax blend (Manessi & Rozza 2018), a baseline without a discrete pick
+            (pair it with ``eval_mode="expected"``).
     """
 
     def __init__(
@@ -169,9 +173,12 @@ class FlexAct(nn.Module):
         kl_lambda: float = 1.0,
         regularize: bool = True,
         candidate_kwargs: Mapping[str, Mapping[str, Any]] | None = None,
+        mode: Mode = "gumbel",
     ) -> None:
         super().__init__()
         names = _check_candidates(candidates)
+        if mode not in ("gumbel", "blend"):
+            raise ConfigError(f"mode must be 'gumbel' or 'blend', got {mode!r}")
         if granularity not in ("layer", "channel"):
             raise ConfigError(f"granularity must be 'layer' or 'channel', got {granularity!r}")
         if eval_mode not in ("argmax", "expected"):
@@ -200,6 +207,7 @@ class FlexAct(nn.Module):
         self.eval_mode: EvalMode = eval_mode
         self.kl_lambda = float(kl_lambda)
         self.regularize = bool(regularize)
+        self.mode: Mode = mode
         # Committed: the pick is final; train and eval both apply exactly the picked activation.
         self.committed = False
         shape = (len(names),) if self.num_channels is None else (self.num_channels, len(names))
@@ -286,7 +294,9 @@ class FlexAct(nn.Module):
                            channel_dim)
         if self.regularize and torch.is_grad_enabled():
             self._targets = self._pseudo_probabilities(x, input_weight, channel_dim)
-        return mixture(x, self.sample_weights(), self.candidates, channel_dim)
+        weights = self.sample_weights() if self.mode == "gumbel" else torch.softmax(
+            self.logits.to(torch.promote_types(self.logits.dtype, torch.float32)), dim=-1)
+        return mixture(x, weights, self.candidates, channel_dim)
 
     def _apply_pick(self, x: Tensor, channel_dim: int | None) -> Tensor:
         picks = self.logits.detach().argmax(dim=-1)
@@ -371,7 +381,8 @@ class FlexAct(nn.Module):
         extra = f", num_channels={self.num_channels}" if self.num_channels is not None else ""
         return (
             f"candidates={list(self.candidate_names)}, granularity={self.granularity!r}{extra}, "
-            f"hard={self.hard}, eval_mode={self.eval_mode!r}, kl_lambda={self.kl_lambda}"
+            f"hard={self.hard}, eval_mode={self.eval_mode!r}, kl_lambda={self.kl_lambda}, "
+            f"mode={self.mode!r}"
         )
 
 
@@ -429,6 +440,7 @@ class FlexActHead(nn.Module):
         prior: Optional initial selection probabilities.
         kl_lambda: The regularizer's scale λ.
         regularize: Measure gradient norms for the regularizer in training.
+        mode: ``"gumbel"`` (FlexAct) or ``"blend"`` (noise-free softmax blend baseline).
     """
 
     def __init__(
@@ -444,6 +456,7 @@ class FlexActHead(nn.Module):
         prior: Sequence[float] | None = None,
         kl_lambda: float = 1.0,
         regularize: bool = True,
+        mode: Mode = "gumbel",
     ) -> None:
         super().__init__()
         for label, value in (("in_features", in_features), ("out_features", out_features),
@@ -457,6 +470,7 @@ class FlexActHead(nn.Module):
             candidates, tau=tau, hard=hard, granularity=granularity,
             num_channels=width if granularity == "channel" else None, channel_dim=-1,
             eval_mode=eval_mode, prior=prior, kl_lambda=kl_lambda, regularize=regularize,
+            mode=mode,
         )
         self.output = nn.Linear(width, out_features) if hidden_features else None
 

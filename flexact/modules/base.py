@@ -18,6 +18,7 @@ from torchmetrics import MetricCollection
 from flexact.activations import PAPER_CANDIDATES, is_activation_module
 from flexact.errors import ConfigError
 from flexact.layers import FlexAct, FlexActHead, flexact_layers, selection_kl
+from flexact.surgery import Swap, swap_activations
 
 try:  # Set by LightningCLI while it instantiates: then hparams hold configs, not modules.
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -100,7 +101,12 @@ class FlexActModule(L.LightningModule):
         selection_weight_decay: Apply the optimizer's weight decay to selection logits and
             activation shape parameters too (off by default: decay would pull picks to uniform).
         example_input_shape: Shape of one input sample (without batch) for inferring
-            ``in_features`` by a dry run of the backbone.
+            ``in_features`` by a dry run of the backbone (and for per-channel swaps).
+        mode: ``"gumbel"`` (FlexAct) or ``"blend"``: the noise-free softmax blend of Manessi &
+            Rozza (2018), a baseline without a discrete pick (use ``eval_mode: expected``).
+        swap_backbone: Also replace every activation module of the backbone by a FlexAct layer
+            (FlexAct at every layer, beyond the paper's head); the regularizer and callbacks
+            cover them all.
     """
 
     default_num_outputs: int | None = None
@@ -124,6 +130,8 @@ class FlexActModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         selection_weight_decay: bool = False,
         example_input_shape: Sequence[int] | None = None,
+        mode: Literal["gumbel", "blend"] = "gumbel",
+        swap_backbone: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=_unsaved_argument_names(inspect.currentframe()))
@@ -161,7 +169,28 @@ class FlexActModule(L.LightningModule):
             eval_mode=hp.eval_mode,
             prior=hp.prior,
             kl_lambda=hp.kl_lambda,
+            mode=hp.mode,
         )
+        if hp.swap_backbone:
+            self.swaps = self._swap_backbone()
+
+    def _swap_backbone(self) -> list[Swap]:
+        hp = self.hparams
+        example = None
+        if hp.granularity == "channel":
+            if not hp.example_input_shape:
+                raise ConfigError("swap_backbone with granularity='channel' needs "
+                                  "example_input_shape (one sample's shape)")
+            example = torch.zeros(2, *hp.example_input_shape)
+        swaps = swap_activations(
+            self.backbone, candidates=list(hp.candidates), granularity=hp.granularity,
+            example_input=example, tau=hp.tau, hard=hp.hard, eval_mode=hp.eval_mode,
+            prior=hp.prior, kl_lambda=hp.kl_lambda, mode=hp.mode,
+        )
+        if not swaps:
+            raise ConfigError("swap_backbone found no activation module in the backbone to "
+                              "replace")
+        return swaps
 
     def configure_losses(self) -> None:
         """Set ``self.criterion``, the task loss ``criterion(outputs, targets)``."""
