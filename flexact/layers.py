@@ -215,6 +215,10 @@ class FlexAct(nn.Module):
         self.register_buffer("temperature", torch.tensor(_check_tau(tau)))
         # Pseudo-probabilities p̃ from the last training forward; a target, never differentiated.
         self._targets: Tensor | None = None
+        # Average ḡ over all ranks of torch.distributed before p̃ = softmax(-ḡ/λ), so N devices
+        # with batch B measure what one device with batch N·B would. Off by default: a pure-torch
+        # layer should not hide a collective in its forward (FlexActModule turns it on).
+        self.sync_statistics = False
 
     def _apply(self, fn: Any, recurse: bool = True) -> FlexAct:
         # Keep τ in float32 when the model is cast (bf16 would round τ = 0.3 to 0.30078).
@@ -352,6 +356,8 @@ class FlexAct(nn.Module):
         self, x: Tensor, input_weight: Tensor | None, channel_dim: int | None
     ) -> Tensor:
         g = self.gradient_norms(x, input_weight, channel_dim)
+        if self.sync_statistics:
+            g = _all_ranks_mean(g, x.shape[0] if x.dim() else 1)
         return torch.softmax(-g / self.kl_lambda, dim=-1).to(self.logits.dtype)
 
     def commit(self, committed: bool = True) -> None:
@@ -377,6 +383,42 @@ class FlexAct(nn.Module):
         kl = (torch.special.xlogy(target, target) - target * log_p).sum(dim=-1)
         return kl.mean()
 
+    # ------------------------------------------------------------------ checkpoints
+    def get_extra_state(self) -> dict[str, Any]:
+        """Candidate names, stored in the state dict so a checkpoint is checked on load."""
+        return {"candidates": list(self.candidate_names)}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Check that a loaded state dict was saved with the same candidates, in the same order.
+
+        Raises:
+            ConfigError: If the saved candidates differ from this layer's.
+        """
+        saved = state.get("candidates") if isinstance(state, Mapping) else None
+        if saved is None:
+            return
+        if tuple(saved) != self.candidate_names:
+            raise ConfigError(
+                f"the checkpoint was trained with candidates {list(saved)}, but the model is "
+                f"configured with {list(self.candidate_names)}; configure the same candidates "
+                "(same names, same order) as the run that wrote the checkpoint"
+            )
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any,
+                              **kwargs: Any) -> None:
+        # Order matters: a candidate mismatch must surface as ConfigError before the generic
+        # size-mismatch message. Checkpoints written before the extra state existed lack the
+        # key; they load as before instead of failing strict loading.
+        missing_keys: list[str] = args[2] if len(args) > 2 else kwargs["missing_keys"]
+        key = prefix + "_extra_state"
+        had_key = key in state_dict
+        try:
+            super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        except ConfigError as err:
+            raise ConfigError(f"FlexAct layer '{prefix[:-1] or 'root'}': {err}") from None
+        if not had_key and key in missing_keys:
+            missing_keys.remove(key)
+
     def extra_repr(self) -> str:
         extra = f", num_channels={self.num_channels}" if self.num_channels is not None else ""
         return (
@@ -384,6 +426,21 @@ class FlexAct(nn.Module):
             f"hard={self.hard}, eval_mode={self.eval_mode!r}, kl_lambda={self.kl_lambda}, "
             f"mode={self.mode!r}"
         )
+
+
+def _all_ranks_mean(g: Tensor, count: int) -> Tensor:
+    """Mean of ``g`` over all ranks of torch.distributed, weighted by each rank's ``count``.
+
+    Returns ``g`` unchanged outside a multi-process group. Every rank must call it (it is a
+    collective): all ranks run the same training forwards under DDP.
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return g
+    # One all-reduce of [count·g, count]: equal to the global batch mean also for uneven batches.
+    packed = torch.cat([g.flatten() * count, g.new_full((1,), float(count))])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM)
+    return (packed[:-1] / packed[-1]).reshape(g.shape)
 
 
 def _check_candidates(candidates: Sequence[str]) -> tuple[str, ...]:
@@ -477,7 +534,11 @@ class FlexActHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() > 2:
             x = x.flatten(1)
-        h = self.flexact(self.linear(x), input_weight=self.linear.weight)
+        h = self.linear(x)
+        if isinstance(self.flexact, FlexAct):
+            h = self.flexact(h, input_weight=self.linear.weight)
+        else:  # frozen by freeze_selection: a plain activation module
+            h = self.flexact(h)
         return h if self.output is None else self.output(h)
 
 

@@ -109,9 +109,11 @@ def swap_activations(
         One :class:`Swap` per replaced module, in model order.
     """
     types = tuple(types)
+    inside = tuple(f"{name}." if name else "" for name, _ in flexact_layers(model))
     targets = [
         name for name, module in model.named_modules()
         if name and isinstance(module, types) and not isinstance(module, FlexAct)
+        and not (inside and name.startswith(inside))  # a FlexAct's own candidates
         and (include is None or _matches(name, include)) and not _matches(name, exclude)
     ]
     if granularity == "channel":

@@ -1,0 +1,184 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from flexact import ConfigError, FlexAct, flexact_layers, freeze_selection, swap_activations
+from flexact.cli import build_cli, main
+from flexact.modules import FlexActClassifier, FlexActRegressor
+
+from .conftest import REPO
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _, layer in flexact_layers(model):
+        with torch.no_grad():
+            layer.logits.copy_(3 * torch.randn(layer.logits.shape, generator=gen))
+
+
+def test_swap_counts_and_reports_every_activation_site() -> None:
+    resnet = torchvision.models.resnet18()
+    report = swap_activations(resnet)
+    assert len(report) == 9 and report[0].name == "relu" and report[0].replaced == "ReLU"
+    assert not any(isinstance(m, nn.ReLU) for name, m in resnet.named_modules()
+                   if ".candidates." not in name)
+    vgg = torchvision.models.vgg11()
+    assert len(swap_activations(vgg)) == 10  # 8 conv + 2 classifier ReLUs (inplace ones too)
+    mobilenet = torchvision.models.mobilenet_v3_small()
+    report = swap_activations(mobilenet)
+    replaced = {r.replaced for r in report}
+    assert replaced == {"ReLU", "Hardswish"}  # SE gates (Hardsigmoid) are left alone
+    assert any(isinstance(m, nn.Hardsigmoid) for m in mobilenet.modules())
+    mlp = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 8), nn.SiLU(), nn.Linear(8, 1))
+    assert [r.name for r in swap_activations(mlp)] == ["1", "3"]
+    assert swap_activations(mlp) == []  # FlexAct layers are never swapped again
+
+
+def test_swap_include_exclude_and_channels() -> None:
+    resnet = torchvision.models.resnet18()
+    report = swap_activations(resnet, include=["layer4.*"])
+    assert [r.name for r in report] == ["layer4.0.relu", "layer4.1.relu"]
+    resnet = torchvision.models.resnet18()
+    report = swap_activations(resnet, exclude=["layer1.*", "relu"])
+    assert len(report) == 6 and all(not r.name.startswith("layer1") for r in report)
+    resnet = torchvision.models.resnet18()
+    report = swap_activations(resnet, granularity="channel",
+                              example_input=torch.randn(2, 3, 32, 32), tau=0.5)
+    assert [r.num_channels for r in report] == [64, 64, 64, 128, 128, 256, 256, 512, 512]
+    layer = resnet.get_submodule("layer3.0.relu")
+    assert isinstance(layer, FlexAct) and layer.logits.shape == (256, 5) and layer.tau == 0.5
+    assert resnet(torch.randn(2, 3, 32, 32)).shape == (2, 1000)
+    with pytest.raises(ConfigError, match="example_input"):
+        swap_activations(torchvision.models.resnet18(), granularity="channel")
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x).square().mean()
+    loss.backward()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_multilayer_resnet18_saved_bytes_within_125_percent(granularity: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 32, 32)
+    plain = torchvision.models.resnet18(num_classes=10)
+    flex = torchvision.models.resnet18(num_classes=10)
+    swap_activations(flex, granularity=granularity, example_input=x)  # type: ignore[arg-type]
+    ratio = _saved_bytes(flex, x) / _saved_bytes(plain, x)
+    assert 1.0 <= ratio <= 1.25, ratio
+
+
+def test_freeze_matches_eval_outputs_and_removes_flexact() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    for granularity in ("layer", "channel"):
+        model = torchvision.models.resnet18(num_classes=10)
+        swap_activations(model, granularity=granularity,  # type: ignore[arg-type]
+                         example_input=x, candidates=["relu", "tanh", "gelu", "adaptive_relu"])
+        _randomize(model)
+        model.eval()
+        frozen = freeze_selection(model)
+        assert not any(isinstance(m, FlexAct) for m in frozen.modules())
+        assert any(isinstance(m, FlexAct) for m in model.modules())  # the original is intact
+        torch.testing.assert_close(frozen(x), model(x), rtol=0, atol=1e-6)
+    mlp = nn.Sequential(nn.Linear(3, 4), FlexAct(candidates=["relu", "sigmoid"]))
+    with torch.no_grad():
+        mlp[1].logits.copy_(torch.tensor([0.0, 2.0]))
+    assert isinstance(freeze_selection(mlp)[1], nn.Sigmoid)
+
+
+def test_blend_mode_is_noise_free_softmax_mixture() -> None:
+    layer = FlexAct(candidates=["relu", "tanh"], mode="blend")
+    with torch.no_grad():
+        layer.logits.copy_(torch.tensor([0.3, -0.4]))
+    x = torch.randn(6, 3)
+    p = torch.softmax(layer.logits.detach(), -1)
+    torch.testing.assert_close(layer(x), p[0] * torch.relu(x) + p[1] * torch.tanh(x))
+    torch.testing.assert_close(layer(x), layer(x))
+    with pytest.raises(ConfigError, match="mode"):
+        FlexAct(mode="sample")  # type: ignore[arg-type]
+
+
+def test_fixed_activation_baseline_through_the_module() -> None:
+    model = FlexActRegressor(in_features=4, candidates=["tanh"])
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(model(x), torch.tanh(model.head.linear(x)))
+
+
+@pytest.mark.slow
+def test_multilayer_flexact_resnet_trains_without_nan(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (256,), generator=gen)
+    x = torch.randn(256, 3, 32, 32, generator=gen) * 0.5
+    x[torch.arange(256), y % 3, :, :16] += 1.5  # class pattern: a bright half in one channel
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16,
+                                         shuffle=True)
+    model = FlexActClassifier(backbone=torchvision.models.resnet18(), num_outputs=4,
+                              hidden_features=32, swap_backbone=True,
+                              optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
+    assert len(model.swaps) == 9
+
+    class NaNWatch(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                               outputs: object, batch: object, batch_idx: int) -> None:
+            loss = outputs["loss"]  # type: ignore[index]
+            assert torch.isfinite(loss), f"non-finite loss at step {trainer.global_step}"
+
+    trainer = L.Trainer(max_steps=300, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[NaNWatch()])
+    trainer.fit(model, loader)
+    assert trainer.global_step == 300
+    for _, layer in flexact_layers(model):
+        assert torch.isfinite(layer.logits).all()
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_export_runs_without_flexact(tmp_path: Path) -> None:
+    config = str(REPO / "configs" / "synthetic.yaml")
+    cli = build_cli([
+        "fit", "--config", config, "--trainer.max_epochs", "2",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--data.n_train", "256",
+        "--model.hidden_features", "6", "--model.granularity", "channel",
+        "--model.candidates", "[relu,tanh,adaptive_gumbel,identity]",
+    ])
+    assert cli.trainer.checkpoint_callback is not None
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    out = tmp_path / "frozen.pt"
+    main(["export", ckpt, "--out", str(out)])
+    x = torch.randn(16, 4)
+    torch.save(x, tmp_path / "x.pt")
+    script = (
+        "import sys, torch\n"
+        f"m = torch.jit.load({str(out)!r})\n"
+        f"y = m(torch.load({str(tmp_path / 'x.pt')!r}))\n"
+        "assert not any(n == 'flexact' or n.startswith('flexact.') for n in sys.modules)\n"
+        f"torch.save(y, {str(tmp_path / 'y.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, cwd=tmp_path)
+    model = cli.model.eval()
+    with torch.no_grad():
+        expected = model(x)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(tmp_path / "missing.ckpt")])
+    assert exit_info.value.code == 2
