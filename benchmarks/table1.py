@@ -5,9 +5,9 @@ fixed activations). Hyperparameters (epochs, learning rate, τ schedule, λ, dat
 size) are read from ``configs/synthetic.yaml`` so the benchmark and the shipped config agree.
 
 Speed: per truth, all 35 single-layer models train side by side in one LightningModule and one
-Trainer (their parameters are disjoint and the loss is a sum of per-model losses, so Adam steps
-each model exactly as if it trained alone on the same batches). A fixed activation is a
-FlexAct head with one candidate (its selection is constant, its KL zero).
+Trainer (``side_by_side.SideBySide``: disjoint parameters, summed losses, so Adam steps each
+model exactly as if it trained alone on the same batches). A fixed activation is a FlexAct head
+with one candidate (its selection is constant, its KL zero).
 
 Usage: ``python benchmarks/table1.py [--seeds 5] [--epochs N] [--no-write]``
 """
@@ -28,12 +28,14 @@ from typing import Any
 import lightning as L
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 
 from flexact import FlexActHead
 from flexact.callbacks import SelectionCommit, TemperatureAnnealing
 from flexact.datamodules import SyntheticDataModule
-from flexact.modules import FlexActRegressor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from side_by_side import SideBySide  # a sibling script, not a package
 
 REPO = Path(__file__).resolve().parents[1]
 TRUTHS = ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]
@@ -49,47 +51,6 @@ PAPER = {  # METHOD.md Table 1: mean MSE per model (row) and truth (column)
     "identity": [0.5209, 0.0078, 0.0985, 0.5105, 0.0000],
 }
 EQUIVALENT = {frozenset({"relu", "leaky_relu"})}  # they differ only by slope 0.01 below zero
-
-
-class SideBySide(FlexActRegressor):
-    """Many independent single-layer models (affine 4→1 → FlexAct) trained in one module.
-
-    Args:
-        specs: One dict per model: ``candidates``, ``alpha`` and ``seed`` (initialization).
-        **kwargs: Passed to :class:`FlexActRegressor`.
-    """
-
-    def __init__(self, specs: list[dict[str, Any]], **kwargs: Any) -> None:
-        self.specs = specs
-        super().__init__(**kwargs)
-        for spec, head in zip(specs, self.heads, strict=True):
-            head.flexact.regularize = spec["alpha"] > 0
-
-    def configure_models(self) -> None:
-        heads = []
-        for spec in self.specs:
-            torch.manual_seed(spec["seed"])
-            heads.append(FlexActHead(self.hparams.in_features, 1, candidates=spec["candidates"],
-                                     kl_lambda=self.hparams.kl_lambda))
-        self.heads = nn.ModuleList(heads)
-
-    def configure_losses(self) -> None:
-        # Sum over models of each model's mean-squared error: independent gradients.
-        self.criterion = lambda out, y: (out - y).square().mean(0).sum()
-
-    def configure_metrics(self) -> None:
-        super(FlexActRegressor, self).configure_metrics()  # none: MSE is computed at the end
-
-    def targets_like(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        return targets
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([head(x) for head in self.heads], dim=1)
-
-    def regularizer(self) -> Tensor | None:
-        terms = [spec["alpha"] * head.flexact.kl_divergence()
-                 for spec, head in zip(self.specs, self.heads, strict=True) if spec["alpha"] > 0]
-        return torch.stack(terms).sum() if terms else None
 
 
 def load_config() -> dict[str, Any]:
@@ -127,10 +88,13 @@ def run_truth(truth: str, models: list[str], seeds: int, config: dict[str, Any],
     L.seed_everything(config.get("seed_everything", 0), verbose=False)
     specs = model_specs(models, seeds)
     data = SyntheticDataModule(**data_args)
-    module = SideBySide(
-        specs, in_features=data.num_features, kl_lambda=model_args["kl_lambda"],
-        optimizer=lambda params: torch.optim.Adam(params, lr=lr),
-    )
+    heads = []
+    for spec in specs:
+        torch.manual_seed(spec["seed"])  # the seed fixes each model's initialization
+        heads.append(FlexActHead(data.num_features, 1, candidates=spec["candidates"],
+                                 kl_lambda=model_args["kl_lambda"]))
+    module = SideBySide(nn.ModuleList(heads), [s["alpha"] for s in specs], task="mse",
+                        optimizer=lambda params: torch.optim.Adam(params, lr=lr))
     trainer = L.Trainer(
         max_epochs=epochs or config["trainer"]["max_epochs"], accelerator="cpu", logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -143,7 +107,7 @@ def run_truth(truth: str, models: list[str], seeds: int, config: dict[str, Any],
     with torch.no_grad():
         mse = (module(x) - y).square().mean(0)
     rows = []
-    for j, (spec, head) in enumerate(zip(specs, module.heads, strict=True)):
+    for j, (spec, head) in enumerate(zip(specs, heads, strict=True)):
         pick = head.flexact.selected()[0] if spec["model"].startswith("FlexAct") else None
         rows.append({"truth": truth, "model": spec["model"], "seed": spec["seed"],
                      "mse": float(mse[j]), "pick": pick})
