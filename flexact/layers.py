@@ -549,16 +549,24 @@ def flexact_layers(model: nn.Module) -> Iterator[tuple[str, FlexAct]]:
             yield name, module
 
 
-def selection_kl(model: nn.Module) -> Tensor:
-    """Sum of ``KL(p̃ ‖ p)`` over every FlexAct layer of ``model`` (METHOD.md eq. 4).
+def selection_kl(model: nn.Module, reduction: Literal["sum", "mean"] = "sum") -> Tensor:
+    """``KL(p̃ ‖ p)`` over every FlexAct layer of ``model`` (METHOD.md eq. 4).
 
     Multiply by α and add to the task loss. Zero (a tensor) if the model has no FlexAct layer.
+
+    Args:
+        model: Any module containing FlexAct layers.
+        reduction: ``"sum"`` over layers, as the paper's eq. (4), or ``"mean"`` over layers, so
+            that α's pull does not grow with the number of FlexAct layers (see the teacher
+            benchmark in benchmarks/RESULTS.md).
     """
     total: Tensor | None = None
+    count = 0
     for _, layer in flexact_layers(model):
         kl = layer.kl_divergence()
         total = kl if total is None else total + kl
+        count += 1
     if total is None:
         param = next(model.parameters(), None)
         return torch.zeros((), device=None if param is None else param.device)
-    return total
+    return total / count if reduction == "mean" else total

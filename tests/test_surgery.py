@@ -182,3 +182,14 @@ def test_export_runs_without_flexact(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["export", str(tmp_path / "missing.ckpt")])
     assert exit_info.value.code == 2
+
+
+def test_selection_kl_mean_reduction_divides_by_layer_count() -> None:
+    from flexact import selection_kl
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), FlexAct(), nn.Linear(4, 4), FlexAct(), FlexAct())
+    model(torch.randn(16, 3))
+    total = selection_kl(model)
+    assert total.item() > 0
+    torch.testing.assert_close(selection_kl(model, "mean"), total / 3)
