@@ -4,7 +4,8 @@ Data: ``TeacherDataModule`` — random teachers with 1 or 8 hidden layers of 10 
 ReLU, 10 features, 10 000 binary examples. Students copy the teacher's shape (depth, width 10)
 and differ in their hidden activation: fixed ReLU / Sigmoid, the adaptive activations of
 Farhadi et al. (per-unit α), FlexAct at every hidden layer (α = 0.3 and α = 0), and the
-noise-free softmax blend of Manessi & Rozza. All students of one data set train side by side
+noise-free softmax blend of Manessi & Rozza. "mean KL" is FlexAct with ``kl_reduction="mean"``
+(the layers' KL terms averaged instead of summed). All students of one data set train side by side
 in one Trainer (see ``side_by_side.py``); the table reports test accuracy, mean ± std over seeds,
 and the FlexAct picks per layer.
 
@@ -45,6 +46,7 @@ STUDENTS = {  # name: (activation factory for a width-10 layer, α of the select
     "adaptive_gumbel": (lambda: get_activation("adaptive_gumbel", num_parameters=10), 0.0),
     "adaptive_relu": (lambda: get_activation("adaptive_relu", num_parameters=10), 0.0),
     "FlexAct α=0.3": (lambda: FlexAct(kl_lambda=0.3), 0.3),
+    "FlexAct α=0.3, mean KL": (lambda: FlexAct(kl_lambda=0.3), 0.3),
     "FlexAct α=0": (lambda: FlexAct(), 0.0),
     "blend (Manessi)": (lambda: FlexAct(mode="blend", eval_mode="expected"), 0.0),
 }
@@ -68,7 +70,8 @@ def run_dataset(depth: int, teacher: str, seeds: int, epochs: int) -> list[dict[
             torch.manual_seed(seed)
             names.append((name, seed))
             members.append(student(depth, factory))
-            alphas.append(alpha)
+            # "mean KL" averages the layers' KL terms (kl_reduction="mean"): α / depth here
+            alphas.append(alpha / depth if "mean KL" in name else alpha)
     module = SideBySide(nn.ModuleList(members), alphas, task="ce", kl_lambda=0.3,
                         optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
     trainer = L.Trainer(
@@ -102,7 +105,7 @@ def summarize(rows: list[dict[str, Any]]) -> str:
             cells.append(f"{100 * statistics.fmean(values):.1f} ± {100 * std:.1f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "FlexAct picks (most common per layer, over seeds):", ""]
-    for name in ("FlexAct α=0.3", "FlexAct α=0"):
+    for name in ("FlexAct α=0.3", "FlexAct α=0.3, mean KL", "FlexAct α=0"):
         for data in datasets:
             runs = [r["picks"] for r in rows if r["student"] == name and r["data"] == data]
             per_layer = [Counter(picks).most_common(1)[0][0] for picks in zip(*runs, strict=True)]
