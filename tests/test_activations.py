@@ -13,22 +13,8 @@ import flexact
 from flexact import ConfigError, FlexAct, available_activations, get_activation
 from flexact.activations import _REGISTRY, activation_derivative, register_activation
 
-PAPER_FIVE = ("relu", "sigmoid", "tanh", "leaky_relu", "identity")
-OTHER_BUILTINS = (
-    "gelu",
-    "silu",
-    "elu",
-    "selu",
-    "softplus",
-    "mish",
-    "prelu",
-    "swish_beta",
-    "adaptive_gumbel",
-    "adaptive_relu",
-    "gelu_sine",
-    "gelu_sinc",
-    "gmtu",
-)
+from .conftest import OTHER_BUILTINS, PAPER_FIVE
+
 EXTREME_INPUTS = (-1e4, -100.0, -10.0, -1.0, 0.0, 1.0, 10.0, 100.0, 1e4)
 
 

@@ -22,26 +22,14 @@ from flexact import (
     selection_kl,
 )
 
+from .conftest import OTHER_BUILTINS
+
 # 0.999 quantile of the chi-square distribution with 4 degrees of freedom (scipy.stats.chi2.ppf
 # (0.999, 4) = 18.4668...; hard-coded because scipy is not a dependency).
 CHI2_4DOF_Q999 = 18.467
 PARAMETERIZED = ("prelu", "swish_beta", "adaptive_gumbel", "adaptive_relu")
-_BUILTINS = (
-    *PAPER_CANDIDATES,
-    "gelu",
-    "silu",
-    "elu",
-    "selu",
-    "softplus",
-    "mish",
-    "prelu",
-    "swish_beta",
-    "adaptive_gumbel",
-    "adaptive_relu",
-    "gelu_sine",
-    "gelu_sinc",
-    "gmtu",
-)
+
+_BUILTINS = (*PAPER_CANDIDATES, *OTHER_BUILTINS)
 
 
 def _away_from_zero(shape: Sequence[int], dtype: torch.dtype, seed: int) -> Tensor:
