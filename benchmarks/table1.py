@@ -15,10 +15,6 @@ Usage: ``python benchmarks/table1.py [--seeds 5] [--epochs N] [--no-write]``
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -35,7 +31,8 @@ from flexact.callbacks import SelectionCommit, TemperatureAnnealing
 from flexact.datamodules import SyntheticDataModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from side_by_side import SideBySide  # a sibling script, not a package
+from results import write_section  # sibling scripts, not a package
+from side_by_side import SideBySide
 
 REPO = Path(__file__).resolve().parents[1]
 TRUTHS = ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]
@@ -161,25 +158,6 @@ def summarize(rows: list[dict]) -> tuple[str, dict[str, Any]]:
     return "\n".join(lines + summary + picks), stats
 
 
-def write_results(text: str, command: str, seconds: float) -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    existing = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = (
-        "<!-- table1:start -->\n## Table 1: synthetic recovery (METHOD.md §3.1)\n\n"
-        f"Machine: {platform.node() or 'unknown'}, {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU. "
-        f"Date: {datetime.date.today().isoformat()}. Command: `{command}`. "
-        f"Wall time: {seconds:.0f} s.\n\n"
-        "Cells: mean ± std of test MSE over seeds (the paper's mean in parentheses); FlexAct is "
-        "evaluated in eval mode, i.e. with exactly its picked activation.\n\n"
-        f"{text}\n<!-- table1:end -->\n"
-    )
-    pattern = re.compile(r"<!-- table1:start -->.*?<!-- table1:end -->\n", re.S)
-    updated = pattern.sub(lambda _: section, existing) if pattern.search(existing) else (
-        existing.rstrip("\n") + "\n\n" + section)
-    path.write_text(updated)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5, help="seeds per model and truth")
@@ -206,7 +184,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(text)
     print(f"total {seconds:.0f} s")
     if not args.no_write:
-        write_results(text, "python " + " ".join(["benchmarks/table1.py", *sys.argv[1:]]), seconds)
+        write_section(
+            "table1", "Table 1: synthetic recovery (METHOD.md §3.1)",
+            "python " + " ".join(["benchmarks/table1.py", *sys.argv[1:]]), seconds,
+            "Cells: mean ± std of test MSE over seeds (the paper's mean in parentheses); FlexAct "
+            "is evaluated in eval mode, i.e. with exactly its picked activation.\n\n" + text,
+        )
     return stats
 
 

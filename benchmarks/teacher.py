@@ -15,10 +15,6 @@ Usage: ``python benchmarks/teacher.py [--seeds 3] [--epochs 20] [--no-write]``
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -37,7 +33,8 @@ from flexact.datamodules.teacher import TeacherDataModule
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
-from side_by_side import SideBySide  # a sibling script, not a package
+from results import write_section  # sibling scripts, not a package
+from side_by_side import SideBySide
 
 REPO = Path(__file__).resolve().parents[1]
 STUDENTS = {  # name: (activation factory for a width-10 layer, α of the selection KL)
@@ -115,24 +112,6 @@ def summarize(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str, command: str, seconds: float) -> None:
-    path = REPO / "benchmarks" / "RESULTS.md"
-    existing = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = (
-        "<!-- teacher:start -->\n## Teacher networks: fixed, adaptive and FlexAct students\n\n"
-        f"Machine: {platform.node() or 'unknown'}, {platform.machine()}, {os.cpu_count()} CPU "
-        f"cores, torch {torch.__version__}, no GPU. Date: {datetime.date.today().isoformat()}. "
-        f"Command: `{command}`. Wall time: {seconds:.0f} s.\n\n"
-        "Test accuracy in % (mean ± std over seeds); 8 000 train / 1 000 val / 2 000 test "
-        "examples, Adam lr 0.01, batch 128, τ annealed 1 → 0.2 per step.\n\n"
-        f"{text}\n<!-- teacher:end -->\n"
-    )
-    pattern = re.compile(r"<!-- teacher:start -->.*?<!-- teacher:end -->\n", re.S)
-    updated = pattern.sub(lambda _: section, existing) if pattern.search(existing) else (
-        existing.rstrip("\n") + "\n\n" + section)
-    path.write_text(updated)
-
-
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per student")
@@ -154,8 +133,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(text)
     print(f"total {seconds:.0f} s")
     if not args.no_write:
-        write_results(text, "python " + " ".join(["benchmarks/teacher.py", *sys.argv[1:]]),
-                      seconds)
+        write_section(
+            "teacher", "Teacher networks: fixed, adaptive and FlexAct students",
+            "python " + " ".join(["benchmarks/teacher.py", *sys.argv[1:]]), seconds,
+            "Test accuracy in % (mean ± std over seeds); 8 000 train / 1 000 val / 2 000 test "
+            "examples, Adam lr 0.01, batch 128, τ annealed 1 → 0.2 per step.\n\n" + text,
+        )
     return rows
 
 
