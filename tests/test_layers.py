@@ -784,3 +784,15 @@ def test_out_of_range_channel_dim_is_rejected() -> None:
     layer = FlexAct(granularity="channel", num_channels=4, channel_dim=2)
     with pytest.raises(ValueError, match="channel"):
         layer(torch.randn(4, 4))
+
+
+def test_readme_plain_pytorch_example_picks_tanh(capsys: pytest.CaptureFixture[str]) -> None:
+    from .conftest import REPO
+
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- readme-example:start -->")[1].split("<!-- readme-example:end -->")[0]
+    code = block.split("```python")[1].split("```")[0]
+    assert len([line for line in code.splitlines() if line.strip()]) <= 12
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.startswith("['tanh']")
