@@ -636,7 +636,8 @@ def test_state_dict_round_trips_logits_and_tau(granularity: str) -> None:
         layer.logits.normal_()
     layer.tau = 0.3
     state = layer.state_dict()
-    assert set(state) == {"logits", "temperature"}
+    assert set(state) == {"logits", "temperature", "_extra_state"}
+    assert state["_extra_state"] == {"candidates": list(layer.candidate_names)}
     fresh = FlexAct(granularity=granularity, num_channels=channels)
     assert fresh.tau == 1.0
     fresh.load_state_dict(state)
