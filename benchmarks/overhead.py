@@ -1,0 +1,197 @@
+"""What FlexAct costs: step time and memory against the same network with fixed ReLUs.
+
+Side by side in one process (interleaved repeats, medians), three comparisons:
+
+1. CIFAR ResNet18 with a plain head (Linear → ReLU → Linear) vs the FlexAct head.
+2. CIFAR ResNet18 with ReLU at every site vs FlexAct at every site.
+3. The FlexAct layer alone vs ``nn.ReLU`` on a large tensor (forward + backward).
+
+A step is forward, loss (plus α·KL for FlexAct models), backward and an SGD update. Memory is
+the bytes saved for backward (saved-tensor hooks) on the CPU, and
+``torch.cuda.max_memory_allocated`` on a GPU. On the CPU the batch is small; on a GPU it is 128
+with bf16 autocast, where kernel-launch overhead dominates.
+
+Usage: ``python benchmarks/overhead.py [--batch 16] [--repeats 5] [--steps 3] [--no-write]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flexact import FlexAct, FlexActHead, selection_kl
+from flexact.backbones import cifar_resnet18
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import write_section  # a sibling script, not a package
+
+Step = Callable[[], None]
+
+
+def _autocast(device: torch.device) -> object:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def classifier_step(model: nn.Module, x: Tensor, y: Tensor, alpha: float) -> Step:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    uses_flexact = any(isinstance(m, FlexAct) for m in model.modules())
+
+    def step() -> None:
+        with _autocast(x.device):
+            loss = F.cross_entropy(model(x), y)
+            if uses_flexact and alpha > 0:
+                loss = loss + alpha * selection_kl(model)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def layer_step(layer: nn.Module, x: Tensor) -> Step:
+    def step() -> None:
+        with _autocast(x.device):
+            out = layer(x)
+        out.sum().backward()
+
+    return step
+
+
+def saved_bytes(step_forward: Callable[[], Tensor]) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step_forward()
+    out.sum().backward()
+    return sum(storages.values())
+
+
+def peak_memory(step: Step, device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    step()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def timed(step: Step, steps: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def compare(name: str, base: tuple[Step, Callable[[], Tensor]],
+            other: tuple[Step, Callable[[], Tensor]], device: torch.device, repeats: int,
+            steps: int) -> dict[str, float | str]:
+    """Interleave the two steps (so machine noise hits both alike) and take medians."""
+    for step, _ in (base, other):  # warm-up (allocator, autotuning, lazy init)
+        step()
+        step()
+    times: dict[str, list[float]] = {"base": [], "other": []}
+    for _ in range(repeats):
+        times["base"].append(timed(base[0], steps, device))
+        times["other"].append(timed(other[0], steps, device))
+    if device.type == "cuda":
+        memory = [peak_memory(base[0], device), peak_memory(other[0], device)]
+    else:
+        memory = [saved_bytes(base[1]), saved_bytes(other[1])]
+    base_t, other_t = statistics.median(times["base"]), statistics.median(times["other"])
+    return {"comparison": name, "base_ms": 1e3 * base_t, "flexact_ms": 1e3 * other_t,
+            "time_ratio": other_t / base_t, "base_mb": memory[0] / 2**20,
+            "flexact_mb": memory[1] / 2**20, "memory_ratio": memory[1] / memory[0]}
+
+
+def run(batch: int, repeats: int, steps: int, device: torch.device) -> list[dict]:
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    rows = []
+
+    def head_model(flexact: bool) -> nn.Module:
+        head = FlexActHead(512, 10, hidden_features=256) if flexact else nn.Sequential(
+            nn.Linear(512, 256), nn.ReLU(), nn.Linear(256, 10))
+        return nn.Sequential(cifar_resnet18(), head).to(device)
+
+    plain, flex = head_model(False), head_model(True)
+    rows.append(compare(
+        "ResNet18: plain head vs FlexAct head",
+        (classifier_step(plain, x, y, 0.3), lambda: plain(x)),
+        (classifier_step(flex, x, y, 0.3), lambda: flex(x)), device, repeats, steps))
+
+    relu_net = nn.Sequential(cifar_resnet18(activation="relu"), nn.Linear(512, 10)).to(device)
+    flex_net = nn.Sequential(cifar_resnet18(activation="flexact"), nn.Linear(512, 10)).to(device)
+    rows.append(compare(
+        "ResNet18: ReLU everywhere vs FlexAct everywhere",
+        (classifier_step(relu_net, x, y, 0.3), lambda: relu_net(x)),
+        (classifier_step(flex_net, x, y, 0.3), lambda: flex_net(x)), device, repeats, steps))
+
+    big = torch.randn(batch * 4, 64, 32, 32, device=device, requires_grad=True)
+    relu, layer = nn.ReLU(), FlexAct().to(device)
+    rows.append(compare(
+        f"layer alone on {tuple(big.shape)}: nn.ReLU vs FlexAct",
+        (layer_step(relu, big), lambda: relu(big)),
+        (layer_step(layer, big), lambda: layer(big)), device, repeats, steps))
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| comparison | base ms/step | FlexAct ms/step | time ratio | base MB | FlexAct MB "
+             "| memory ratio |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['comparison']} | {r['base_ms']:.1f} | {r['flexact_ms']:.1f} | "
+                     f"**{r['time_ratio']:.3f}** | {r['base_mb']:.1f} | {r['flexact_mb']:.1f} | "
+                     f"**{r['memory_ratio']:.3f}** |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=None,
+                        help="batch size (default: 16 on the CPU, 128 on a GPU)")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timing repeat")
+    parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch = args.batch or (128 if device.type == "cuda" else 16)
+    start = time.perf_counter()
+    rows = run(batch, args.repeats, args.steps, device)
+    text = table(rows)
+    print(text)
+    if not args.no_write:
+        memory = ("peak torch.cuda.max_memory_allocated, bf16 autocast" if device.type == "cuda"
+                  else "bytes saved for backward, float32")
+        write_section(
+            f"overhead-{device.type}", f"FlexAct overhead ({device.type}, batch {batch})",
+            "python " + " ".join(["benchmarks/overhead.py", *sys.argv[1:]]),
+            time.perf_counter() - start,
+            f"Medians of {args.repeats} interleaved repeats of {args.steps} steps; memory: "
+            f"{memory}. Goals (issue 8): head ≤ 1.03× time; FlexAct everywhere ≤ 1.35× time and "
+            f"≤ 1.15× memory.\n\n{text}",
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
