@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -112,8 +113,13 @@ def export_checkpoint(
         if importlib.util.find_spec("onnx") is None:
             raise ConfigError("ONNX export needs the onnx package: pip install onnx")
         onnx_out = Path(onnx_path)
-        torch.onnx.export(model, (example,), str(onnx_out), input_names=["input"],
-                          output_names=["output"], dynamic_axes={"input": {0: "batch"}})
+        with warnings.catch_warnings():
+            # The TorchScript-based exporter needs only `onnx` (the newer one also needs
+            # onnxscript) and handles the traced, frozen model fully.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(model, (example,), str(onnx_out), input_names=["input"],
+                              output_names=["output"], dynamic_axes={"input": {0: "batch"}},
+                              dynamo=False)
     return out, onnx_out
 
 
