@@ -9,14 +9,18 @@ import importlib
 import sys
 from typing import Any
 
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 import flexact
 
 # Imported so that configs can use short class names (TemperatureAnnealing, SyntheticDataModule).
+import flexact.backbones
 import flexact.callbacks
 import flexact.datamodules
+from flexact.callbacks.finite_guard import NonFiniteLossError
+from flexact.checkpoint import check_resume_candidates, use_atomic_checkpoints
 from flexact.errors import ConfigError
 from flexact.modules import FlexActModule
 
@@ -38,6 +42,8 @@ class FlexActCLI(LightningCLI):
 
     ``model.init_args.in_features`` and ``model.init_args.num_outputs`` are linked to the data
     module's ``num_features`` and ``num_outputs`` attributes (``None`` when it has none).
+    Checkpoints are written atomically (:class:`~flexact.checkpoint.AtomicCheckpointIO`) unless
+    another ``CheckpointIO`` plugin is configured.
     """
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -50,6 +56,20 @@ class FlexActCLI(LightningCLI):
         for source, target in (("num_features", "in_features"), ("num_outputs", "num_outputs")):
             parser.link_arguments("data", f"model.init_args.{target}",
                                   compute_fn=_data_attribute(source), apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        # Before LightningCLI reads the checkpoint's hyper-parameters over the config.
+        section = self.config.get(self.config.get("subcommand") or "") or self.config
+        check_resume_candidates(section.get("ckpt_path"),
+                                section.get("model.init_args.candidates"))
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        # Installed on the built trainer rather than as a trainer_defaults plugin, which a
+        # user's own `trainer.plugins` (a precision or cluster plugin) would silently replace.
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoints(trainer)
+        return trainer
 
 
 def _find_config_error(err: BaseException) -> ConfigError | None:
@@ -68,7 +88,8 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
     """Parse ``args`` and run the chosen subcommand; return the CLI object (used by tests).
 
     Configuration errors (:class:`~flexact.ConfigError`) are printed as one line on stderr and
-    end the program with exit status 2, like the parser's own errors.
+    end the program with exit status 2, like the parser's own errors; a diverged run
+    (:class:`~flexact.callbacks.NonFiniteLossError`) is printed the same way, with status 1.
 
     Args:
         args: Command-line arguments (default: ``sys.argv[1:]``).
@@ -83,6 +104,11 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
             args=args,
             auto_configure_optimizers=False,
         )
+    except NonFiniteLossError as err:
+        # A diverged run, not a usage error: exit status 1; under DDP every rank stops here.
+        if rank_zero_only.rank == 0:
+            print(f"flexact: error: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
     except Exception as err:
         cause = _find_config_error(err)
         if cause is None:

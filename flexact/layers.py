@@ -420,9 +420,9 @@ class FlexAct(nn.Module):
 
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any,
                               **kwargs: Any) -> None:
-        # Order matters: a candidate mismatch must surface as ConfigError before the generic
-        # size-mismatch message. Checkpoints written before the extra state existed lack the
-        # key; they load as before instead of failing strict loading.
+        # torch raises set_extra_state's ConfigError at once, ahead of the size-mismatch
+        # errors it collects; here it gets the layer's name. Checkpoints written before the
+        # extra state existed lack the key: they load as before instead of failing strictly.
         missing_keys: list[str] = args[2] if len(args) > 2 else kwargs["missing_keys"]
         key = prefix + "_extra_state"
         had_key = key in state_dict

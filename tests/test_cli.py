@@ -35,10 +35,35 @@ def test_every_config_parses_and_every_key_is_commented(
             assert "#" in line, f"{config.name}: key without a comment: {line!r}"
 
 
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder with tiny CIFAR-10, MNIST and review polarity sets in the real formats."""
+    from flexact.datamodules.fake import write_cifar10, write_mnist, write_review_polarity
+
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_cifar10(root, n_train_per_class=1, n_test_per_class=1)
+    write_mnist(root, n_train_per_class=1, n_test_per_class=1, compress=True)
+    write_review_polarity(root, n_per_class=5)
+    return root
+
+
+def _tiny_data_overrides(config: Path, data_dir: Path) -> list[str]:
+    """Point a config that reads real data (it has data.init_args.data_dir) at the tiny sets."""
+    init_args = (yaml.safe_load(config.read_text()).get("data") or {}).get("init_args") or {}
+    if "data_dir" not in init_args:
+        return []
+    overrides = ["--data.data_dir", str(data_dir), "--data.download", "false",
+                 "--data.batch_size", "2"]
+    if "max_length" in init_args:
+        overrides += ["--data.max_length", "50"]
+    return overrides
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
-def test_every_config_runs_fast_dev_run(config: Path, tmp_path: Path) -> None:
+def test_every_config_runs_fast_dev_run(config: Path, tmp_path: Path, tiny_data: Path) -> None:
     cli = build_cli(["fit", "--config", str(config), "--trainer.fast_dev_run", "1",
-                     "--trainer.default_root_dir", str(tmp_path), *QUIET])
+                     "--trainer.default_root_dir", str(tmp_path), *QUIET,
+                     *_tiny_data_overrides(config, tiny_data)])
     assert cli.trainer.state.finished
     assert cli.trainer.global_step == 1
 

@@ -75,14 +75,45 @@ def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
 
 
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
-def test_multilayer_resnet18_saved_bytes_within_125_percent(granularity: str) -> None:
+def test_multilayer_cifar_resnet18_saved_bytes(granularity: str) -> None:
+    """FlexAct at all 17 sites of a CIFAR ResNet18: ≤ 1.25× the ReLU network's saved bytes.
+
+    A FlexAct keeps its input for backward where a ReLU keeps its output (which the next
+    convolution keeps anyway): one extra activation per site (measured 1.21×). With
+    ``compact_memory`` that input is kept in bfloat16 (measured 1.11×, issue 8's 1.15× goal).
+    """
+    from flexact.backbones import cifar_resnet18
+
     torch.manual_seed(0)
     x = torch.randn(8, 3, 32, 32)
-    plain = torchvision.models.resnet18(num_classes=10)
-    flex = torchvision.models.resnet18(num_classes=10)
-    swap_activations(flex, granularity=granularity, example_input=x)  # type: ignore[arg-type]
-    ratio = _saved_bytes(flex, x) / _saved_bytes(plain, x)
-    assert 1.0 <= ratio <= 1.25, ratio
+    plain = cifar_resnet18(activation="relu")
+    baseline = _saved_bytes(plain, x)
+    full, compact = cifar_resnet18(activation="relu"), cifar_resnet18(activation="relu")
+    assert len(swap_activations(full, granularity=granularity,  # type: ignore[arg-type]
+                                example_input=x)) == 17
+    swap_activations(compact, granularity=granularity, example_input=x,  # type: ignore[arg-type]
+                     compact_memory=True)
+    full_ratio = _saved_bytes(full, x) / baseline
+    compact_ratio = _saved_bytes(compact, x) / baseline
+    assert 1.0 < compact_ratio <= 1.15 and compact_ratio < full_ratio <= 1.25, (compact_ratio,
+                                                                                full_ratio)
+
+
+def test_compact_memory_gradients_match_full_precision() -> None:
+    torch.manual_seed(1)
+    x = torch.randn(64, 8, requires_grad=True)
+    full, compact = FlexAct(), FlexAct(compact_memory=True)
+    compact.load_state_dict(full.state_dict())
+    grads = []
+    for layer in (full, compact):
+        torch.manual_seed(2)
+        out = layer(x)
+        (out * torch.linspace(-1, 1, 8)).sum().backward()
+        grads.append((x.grad.clone(), layer.logits.grad.clone()))  # type: ignore[union-attr]
+        x.grad = None
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grads[1][1], grads[0][1], rtol=2e-2, atol=2e-2)
+    assert not torch.equal(grads[1][1], grads[0][1])  # it really used the rounded input
 
 
 def test_freeze_matches_eval_outputs_and_removes_flexact() -> None:
@@ -123,32 +154,39 @@ def test_fixed_activation_baseline_through_the_module() -> None:
 
 
 @pytest.mark.slow
-def test_multilayer_flexact_resnet_trains_without_nan(tmp_path: Path) -> None:
+def test_multilayer_flexact_cifar_resnet_trains_without_nan(tmp_path: Path) -> None:
+    """FlexAct at all 17 sites of a CIFAR ResNet18 plus the head, 200 CPU steps, α = 0.3."""
+    from flexact.backbones import CifarResNet
+
     L.seed_everything(0)
     gen = torch.Generator().manual_seed(0)
-    y = torch.randint(0, 4, (256,), generator=gen)
-    x = torch.randn(256, 3, 32, 32, generator=gen) * 0.5
-    x[torch.arange(256), y % 3, :, :16] += 1.5  # class pattern: a bright half in one channel
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16,
+    y = torch.randint(0, 4, (128,), generator=gen)
+    x = torch.randn(128, 3, 8, 8, generator=gen) * 0.5  # 8×8 keeps 200 steps quick
+    x[torch.arange(128), y % 3, :, :4] += 1.5  # class pattern: a bright half in one channel
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8,
                                          shuffle=True)
-    model = FlexActClassifier(backbone=torchvision.models.resnet18(), num_outputs=4,
-                              hidden_features=32, swap_backbone=True,
+    model = FlexActClassifier(backbone=CifarResNet(activation="relu"), num_outputs=4,
+                              hidden_features=32, swap_backbone=True, kl_reduction="mean",
                               optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
-    assert len(model.swaps) == 9
+    assert len(model.swaps) == 17
 
     class NaNWatch(L.Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
         def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
                                outputs: object, batch: object, batch_idx: int) -> None:
             loss = outputs["loss"]  # type: ignore[index]
             assert torch.isfinite(loss), f"non-finite loss at step {trainer.global_step}"
+            self.losses.append(float(loss))
 
-    trainer = L.Trainer(max_steps=300, accelerator="cpu", logger=False,
+    watch = NaNWatch()
+    trainer = L.Trainer(max_steps=200, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[NaNWatch()])
+                        enable_model_summary=False, callbacks=[watch])
     trainer.fit(model, loader)
-    assert trainer.global_step == 300
-    for _, layer in flexact_layers(model):
-        assert torch.isfinite(layer.logits).all()
+    assert trainer.global_step == 200
+    assert sum(watch.losses[-50:]) < sum(watch.losses[:50])  # it learns, not just survives
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
@@ -193,3 +231,22 @@ def test_selection_kl_mean_reduction_divides_by_layer_count() -> None:
     total = selection_kl(model)
     assert total.item() > 0
     torch.testing.assert_close(selection_kl(model, "mean"), total / 3)
+
+
+def test_export_onnx(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    config = str(REPO / "configs" / "synthetic.yaml")
+    cli = build_cli([
+        "fit", "--config", config, "--trainer.max_steps", "5",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false", "--data.n_train", "128",
+        "--model.hidden_features", "6",
+    ])
+    assert cli.trainer.checkpoint_callback is not None
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    main(["export", ckpt, "--out", str(tmp_path / "m.pt"), "--onnx", str(tmp_path / "m.onnx")])
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    onnx.checker.check_model(graph)
+    ops = {node.op_type for node in graph.graph.node}
+    assert "Gemm" in ops or "MatMul" in ops
+    assert [i.name for i in graph.graph.input] == ["input"]

@@ -1,9 +1,14 @@
-"""Lightning callbacks: temperature annealing, selection logging and committing."""
+"""Lightning callbacks: τ annealing, selection logging and committing, failure and resume safety."""
 
 from flexact.callbacks.commit import SelectionCommit
+from flexact.callbacks.finite_guard import FiniteGuard, NonFiniteLossError
+from flexact.callbacks.rng import RNGState
 from flexact.callbacks.selection_logger import SelectionLogger, selection_summary
 from flexact.callbacks.temperature import TemperatureAnnealing, temperature_at
 
 __all__ = [
+    "FiniteGuard",
+    "NonFiniteLossError",
+    "RNGState",
     "SelectionCommit",
     "SelectionLogger", "TemperatureAnnealing", "selection_summary", "temperature_at"]

@@ -138,6 +138,7 @@ class SelectionLogger(Callback):
 
     @staticmethod
     def _log_dir(trainer: L.Trainer) -> str:
+        """The run's log directory; a collective under DDP, so call it on every rank."""
         return trainer.log_dir or trainer.default_root_dir
 
     @staticmethod
@@ -194,9 +195,9 @@ class SelectionLogger(Callback):
         writer = self._tensorboard(trainer)
         if writer is not None and self.heatmap and self.summary:
             self._add_images(writer, trainer.global_step, pl_module)
+        log_dir = self._log_dir(trainer)  # on every rank: trainer.log_dir is a collective
         if trainer.is_global_zero and self.history:
-            write_history(os.path.join(self._log_dir(trainer), self.history_filename),
-                          self.history)
+            write_history(os.path.join(log_dir, self.history_filename), self.history)
 
     def _add_images(self, writer: Any, step: int, pl_module: L.LightningModule) -> None:
         candidates: list[str] = []
@@ -224,12 +225,12 @@ class SelectionLogger(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.summary = selection_summary(pl_module)
+        log_dir = self._log_dir(trainer)  # on every rank: trainer.log_dir is a collective
         if trainer.is_global_zero:
-            self._write(trainer)
+            self._write(trainer, log_dir)
 
-    def _write(self, trainer: L.Trainer) -> None:
+    def _write(self, trainer: L.Trainer, log_dir: str) -> None:
         rank_zero_info("FlexAct selection:\n" + format_table(self.summary))
-        log_dir = self._log_dir(trainer)
         os.makedirs(log_dir, exist_ok=True)
         path = os.path.join(log_dir, self.filename)
         tmp = path + ".tmp"

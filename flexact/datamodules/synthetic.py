@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import DataLoader, TensorDataset
 
 from flexact.activations import check_activation_name, get_activation
+from flexact.datamodules.sampling import EpochRandomSampler, ResumableDataLoader, run_seed
 from flexact.errors import ConfigError
 
 __all__ = ["SyntheticDataModule", "make_synthetic"]
@@ -73,14 +74,19 @@ class SyntheticDataModule(L.LightningDataModule):
         ood_threshold: If set, an extrapolation split: train and validation inputs have
             ``x₁ ≤ ood_threshold``, test inputs ``x₁ > ood_threshold``.
         seed: Seed of the data generator (independent of the training seed).
-        batch_size: Samples per batch.
+        batch_size: Samples per batch (per device under DDP).
         num_workers: DataLoader worker processes (0: load in the main process).
+
+    The training order of epoch ``e`` is a pure function of the run's seed and ``e`` (see
+    :mod:`flexact.datamodules.sampling`), and the training loader resumes mid-epoch, so a run
+    resumed from any checkpoint sees exactly the batches of the uninterrupted run. Under DDP,
+    Lightning shards every split with a ``DistributedSampler`` that follows the same rule.
     """
 
     def __init__(
         self,
         truth: str = "relu",
-        k: float = 5.0,
+        k: PositiveFloat = 5.0,
         n_features: PositiveInt = 4,
         n_informative: PositiveInt = 1,
         n_train: PositiveInt = 4096,
@@ -120,9 +126,15 @@ class SyntheticDataModule(L.LightningDataModule):
         self.splits["predict"] = self.splits["test"]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
+        dataset = self.splits[split]
+        # A generator of its own keeps the loader off the global RNG (each iterator draws a
+        # base seed), so evaluation never shifts the Gumbel noise of training.
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        loader_class = ResumableDataLoader if shuffle else DataLoader
+        sampler = EpochRandomSampler(dataset, seed=run_seed(self.hparams.seed)) if shuffle else None
+        return loader_class(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                            num_workers=self.hparams.num_workers, generator=generator,
+                            persistent_workers=self.hparams.num_workers > 0)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

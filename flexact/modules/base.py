@@ -8,7 +8,8 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from jsonargparse.typing import NonNegativeFloat, PositiveFloat
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.utilities.parsing import collect_init_args
@@ -16,6 +17,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from flexact.activations import PAPER_CANDIDATES, is_activation_module
+from flexact.callbacks.finite_guard import FiniteGuard
+from flexact.callbacks.rng import RNGState
 from flexact.errors import ConfigError
 from flexact.layers import FlexAct, FlexActHead, flexact_layers, selection_kl
 from flexact.surgery import Swap, swap_activations
@@ -107,6 +110,17 @@ class FlexActModule(L.LightningModule):
         swap_backbone: Also replace every activation module of the backbone by a FlexAct layer
             (FlexAct at every layer, beyond the paper's head); the regularizer and callbacks
             cover them all.
+        sync_statistics: Under DDP, average the regularizer's gradient norms ḡ over all ranks
+            before computing p̃ = softmax(-ḡ/λ), so N devices with batch B train exactly as one
+            device with batch N·B (one small all-reduce per FlexAct layer and step; no effect on
+            one device). Off: each rank's p̃ comes from its own batch, and DDP's gradient
+            averaging makes the target the mean of the ranks' p̃ — the semantics of gradient
+            accumulation over N micro-batches.
+        kl_reduction: Combine the layers' KL terms by ``sum`` (the paper) or ``mean`` (keeps α's
+            pull independent of depth; recommended with ``swap_backbone``).
+
+    Every run also gets a :class:`~flexact.callbacks.FiniteGuard` and an
+    :class:`~flexact.callbacks.RNGState` (see :meth:`configure_callbacks`).
     """
 
     default_num_outputs: int | None = None
@@ -115,23 +129,25 @@ class FlexActModule(L.LightningModule):
     def __init__(
         self,
         backbone: nn.Module | None = None,
-        in_features: int | None = None,
-        num_outputs: int | None = None,
-        hidden_features: int | None = None,
+        in_features: PositiveInt | None = None,
+        num_outputs: PositiveInt | None = None,
+        hidden_features: PositiveInt | None = None,
         candidates: Sequence[str] = PAPER_CANDIDATES,
         tau: PositiveFloat = 1.0,
         hard: bool = False,
         granularity: Literal["layer", "channel"] = "layer",
         eval_mode: Literal["argmax", "expected"] = "argmax",
-        prior: Sequence[float] | None = None,
+        prior: Sequence[PositiveFloat] | None = None,
         kl_lambda: PositiveFloat = 1.0,
         alpha: NonNegativeFloat = 0.3,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         selection_weight_decay: bool = False,
-        example_input_shape: Sequence[int] | None = None,
+        example_input_shape: Sequence[PositiveInt] | None = None,
         mode: Literal["gumbel", "blend"] = "gumbel",
         swap_backbone: bool = False,
+        sync_statistics: bool = True,
+        kl_reduction: Literal["sum", "mean"] = "sum",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=_unsaved_argument_names(inspect.currentframe()))
@@ -149,6 +165,8 @@ class FlexActModule(L.LightningModule):
         self.configure_metrics()
         for _, layer in flexact_layers(self):
             layer.regularize = self.hparams.alpha > 0  # gradient norms are only needed for α > 0
+            layer.sync_statistics = bool(self.hparams.get("sync_statistics", True))
+        self._anchored: list[nn.Parameter] = []
 
     # ----------------------------------------------------------------- overridable hooks
     def configure_models(self) -> None:
@@ -244,11 +262,61 @@ class FlexActModule(L.LightningModule):
         else:
             loss = task_loss
         on_step = stage == "train"
+        # Under DDP, val/test losses are averaged over ranks (once per epoch), so a monitored
+        # val_loss is the same on every rank; the training loss stays per rank (no per-step
+        # collective). torchmetrics metrics synchronize themselves.
         self.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=True,
-                 batch_size=batch_size)
+                 batch_size=batch_size, sync_dist=stage != "train")
         metrics.update(self.metric_inputs(outputs), y)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        if stage == "train" and self._world_size() > 1:
+            self._anchored = self._unused_selection_parameters()
+            if self._anchored:
+                loss = loss + 0.0 * sum(p.sum() for p in self._anchored)
         return loss
+
+    def _world_size(self) -> int:
+        trainer = getattr(self, "_trainer", None)
+        return trainer.world_size if trainer is not None else 1
+
+    def _unused_selection_parameters(self) -> list[nn.Parameter]:
+        """Parameters that committed FlexAct layers leave out of the forward.
+
+        A committed layer applies its pick only: its logits (and, per layer, the other
+        candidates' parameters) get no gradient, which DDP treats as an error unless it searches
+        the graph for unused parameters every step (``find_unused_parameters``). Adding them to
+        the loss with weight 0 keeps plain DDP working; :meth:`on_after_backward` then drops
+        their (zero) gradients so the optimizer leaves them untouched, as on one device.
+        """
+        unused: list[nn.Parameter] = []
+        for _, layer in flexact_layers(self):
+            if not layer.committed:
+                continue
+            unused.append(layer.logits)
+            if layer.num_channels is None:  # per channel, every candidate is evaluated
+                pick = int(layer.logits.detach().argmax())
+                for j, candidate in enumerate(layer.candidates):
+                    if j != pick:
+                        unused.extend(candidate.parameters())
+        return [p for p in unused if p.requires_grad]
+
+    def on_after_backward(self) -> None:
+        """Drop the zero gradients of parameters that only took part to satisfy DDP."""
+        for param in self._anchored:
+            param.grad = None
+        self._anchored = []
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Add a ``FiniteGuard`` and an ``RNGState`` unless the trainer already has them.
+
+        They stop diverged runs with a clear message and make resumes and multi-device runs
+        reproducible; configure them as trainer callbacks to change their arguments. Subclasses
+        that override this hook should extend ``super().configure_callbacks()``.
+        """
+        trainer = getattr(self, "_trainer", None)
+        present = trainer.callbacks if trainer is not None else []
+        return [kind() for kind in (FiniteGuard, RNGState)
+                if not any(isinstance(c, kind) for c in present)]
 
     def regularizer(self) -> Tensor | None:
         """The term added to the training loss: α·Σ KL(p̃ ‖ p) over every FlexAct layer.
@@ -257,7 +325,7 @@ class FlexActModule(L.LightningModule):
         """
         if self.hparams.alpha <= 0:
             return None
-        return self.hparams.alpha * selection_kl(self)
+        return self.hparams.alpha * selection_kl(self, self.hparams.kl_reduction)
 
     def metric_inputs(self, outputs: Tensor) -> Tensor:
         """Transform model outputs before they reach the metrics (identity by default)."""

@@ -1,0 +1,199 @@
+"""``CIFAR10DataModule``: CIFAR-10 from the official python pickle batches (METHOD.md §3.2)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
+from torch import Tensor
+
+from flexact.datamodules._common import (
+    DatasetError,
+    download_file,
+    extract_archive,
+    missing_message,
+)
+from flexact.datamodules._images import ImageDataModule, OnDevice
+
+__all__ = ["CIFAR10_MD5", "CIFAR10_URL", "CIFAR10DataModule", "read_cifar_batch"]
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+"""The official archive (the one torchvision downloads)."""
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+"""MD5 of the official archive."""
+
+FOLDER = "cifar-10-batches-py"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILES = ("test_batch",)
+META_FILE = "batches.meta"
+IMAGE_SIZE = 3 * 32 * 32
+
+# The pickles hold only numpy arrays, lists, ints and strings; anything else is refused instead
+# of executed (unpickling runs code named in the file).
+_ALLOWED_GLOBALS = {
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        module = module.replace("numpy.core.", "numpy._core.")  # pickles from numpy < 2
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name} in the pickle")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DatasetError(missing_message("CIFAR-10", [path], "set data.download true, or "
+                                           "extract cifar-10-python.tar.gz into data_dir"))
+    try:
+        with open(path, "rb") as f:
+            entry = _ArrayUnpickler(f, encoding="latin1").load()
+    except Exception as err:
+        raise DatasetError(
+            f"{path} is truncated or corrupt ({type(err).__name__}: {err}); delete the "
+            f"{FOLDER} folder and run again with data.download true"
+        ) from err
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{path} is not a CIFAR-10 batch (it holds a {type(entry).__name__}, "
+                           "not a dict); delete it and download again")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in entry.items()}
+
+
+def read_cifar_batch(path: str | Path, num_classes: int = 10) -> tuple[Tensor, Tensor]:
+    """Read one CIFAR python batch file (``data_batch_1`` … ``test_batch``).
+
+    Args:
+        path: The pickle file.
+        num_classes: Labels must lie in ``[0, num_classes)``.
+
+    Returns:
+        ``(uint8 images (N, 3, 32, 32), int64 labels (N,))``.
+
+    Raises:
+        DatasetError: If the file is missing, truncated, corrupt, or not a CIFAR batch.
+    """
+    path = Path(path)
+    entry = _unpickle(path)
+    data = entry.get("data")
+    labels = entry.get("labels", entry.get("fine_labels"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != IMAGE_SIZE:
+        shape = getattr(data, "shape", None)
+        raise DatasetError(f"{path} is not a CIFAR batch: 'data' must be a uint8 array of shape "
+                           f"(N, {IMAGE_SIZE}), got {type(data).__name__} {shape}; delete it "
+                           "and download again")
+    if labels is None or len(labels) != len(data):
+        raise DatasetError(f"{path} is corrupt: {len(data)} images but "
+                           f"{'no' if labels is None else len(labels)} labels; delete it and "
+                           "download again")
+    targets = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    if len(targets) and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        raise DatasetError(f"{path} is corrupt: labels outside 0..{num_classes - 1}; delete it "
+                           "and download again")
+    images = torch.from_numpy(np.ascontiguousarray(data.reshape(-1, 3, 32, 32)))
+    return images, targets
+
+
+class CIFAR10DataModule(ImageDataModule):
+    """CIFAR-10: 50 000 training and 10 000 test colour images of 32×32 pixels in 10 classes.
+
+    Reads torchvision's layout, ``<data_dir>/cifar-10-batches-py/`` with ``data_batch_1`` …
+    ``data_batch_5``, ``test_batch`` and ``batches.meta`` (the official python pickles). The
+    validation split is carved from the training set with ``seed``. Training batches get the
+    standard augmentation (RandomCrop 32 with padding 4, horizontal flip); every batch is
+    normalized with the training set's channel statistics. Augmentation runs on the device in
+    ``on_after_batch_transfer``.
+
+    Args:
+        data_dir: Folder that holds (or will hold) ``cifar-10-batches-py``.
+        download: Fetch and extract the official archive into ``data_dir`` when the files are
+            missing (in ``prepare_data``, once per node).
+        val_split: Fraction of the training images held out for validation; 0 trains on all
+            50 000 and validates on the test set.
+        seed: Seed of the validation split (and of the on-device shuffling).
+        batch_size: Images per batch.
+        num_workers: DataLoader worker processes (the data are already tensors in memory, so 0
+            is usually fastest).
+        augment: Random crop and flip for training batches.
+        on_device: Keep the whole data set on the accelerator as uint8 and draw batches there:
+            ``true``, ``false``, or ``auto`` (only when the accelerator is not the CPU).
+        url: Address of ``cifar-10-python.tar.gz`` (the official one by default; a mirror works).
+        check_md5: Verify the downloaded archive against the official MD5.
+    """
+
+    mean = (0.4914, 0.4822, 0.4465)
+    std = (0.2470, 0.2435, 0.2616)
+    crop_padding = 4
+    flip = True
+    num_classes = 10
+    dataset_name = "CIFAR-10"
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        download: bool = False,
+        val_split: float = 0.1,
+        seed: int = 0,
+        batch_size: PositiveInt = 128,
+        num_workers: NonNegativeInt = 0,
+        augment: bool = True,
+        on_device: OnDevice = "auto",
+        url: str = CIFAR10_URL,
+        check_md5: bool = True,
+    ) -> None:
+        super().__init__(data_dir, download, val_split, seed, batch_size, num_workers, augment,
+                         on_device)
+        self.url = url
+        self.check_md5 = check_md5
+        self.root = Path(data_dir) / FOLDER
+
+    def _files(self) -> list[Path]:
+        return [self.root / name for name in (*TRAIN_FILES, *TEST_FILES, META_FILE)]
+
+    def data_present(self) -> bool:
+        """Whether all six batches and ``batches.meta`` exist."""
+        return all(p.is_file() for p in self._files())
+
+    def download_data(self) -> None:
+        """Download ``cifar-10-python.tar.gz`` (unless already there) and extract it."""
+        archive = Path(self.data_dir) / "cifar-10-python.tar.gz"
+        if not archive.is_file():
+            download_file(self.url, archive, CIFAR10_MD5 if self.check_md5 else None)
+        extract_archive(archive, Path(self.data_dir))
+        missing = [p for p in self._files() if not p.is_file()]
+        if missing:
+            raise DatasetError(f"the archive {archive} (from {self.url}) does not contain "
+                               f"{', '.join(str(p) for p in missing)}; delete it and check the URL")
+
+    def _check_present(self) -> None:
+        missing = [p for p in self._files() if not p.is_file()]
+        if missing:
+            hint = ("set data.download true to fetch it, or extract cifar-10-python.tar.gz "
+                    f"into {self.data_dir}")
+            if self.hparams.download:
+                hint = "the download did not complete; run again"
+            raise DatasetError(missing_message("CIFAR-10", missing, hint))
+
+    def load_split(self, split: Literal["train", "test"]) -> tuple[Tensor, Tensor]:
+        """Read the five training batches or the test batch, and the class names."""
+        self._check_present()
+        meta = _unpickle(self.root / META_FILE)
+        names = meta.get("label_names")
+        if not isinstance(names, list) or len(names) != self.num_classes:
+            raise DatasetError(f"{self.root / META_FILE} is corrupt: expected "
+                               f"{self.num_classes} label_names; delete it and download again")
+        self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+        parts = [read_cifar_batch(self.root / name, self.num_classes)
+                 for name in (TRAIN_FILES if split == "train" else TEST_FILES)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
