@@ -2,24 +2,26 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import types
 
 import pytest
 
 from .conftest import REPO
 
 
-def _load_table1():
-    spec = importlib.util.spec_from_file_location("table1", REPO / "benchmarks" / "table1.py")
+def _load(name: str) -> types.ModuleType:
+    """Import a benchmark script (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules["table1"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 
 
 def test_side_by_side_models_train_independently() -> None:
     """A model trained beside others must equal the same model trained alone."""
-    table1 = _load_table1()
+    table1 = _load("table1")
     config = table1.load_config()
     config["data"]["init_args"].update(n_train=128, n_val=32, n_test=64)
     alone = table1.run_truth("tanh", ["tanh"], 1, config, epochs=1, commit=False)
@@ -29,7 +31,7 @@ def test_side_by_side_models_train_independently() -> None:
 
 
 def test_table1_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    table1 = _load_table1()
+    table1 = _load("table1")
     stats = table1.main(["--seeds", "2", "--epochs", "1", "--no-write"])
     out = capsys.readouterr().out
     assert "| FlexAct α=0.3 |" in out and "(0.4328)" in out  # the paper's numbers beside ours
@@ -37,3 +39,20 @@ def test_table1_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(stats["ranks"]) == {"FlexAct α=0.3", "FlexAct α=0", "FlexAct α=0.3 + commit",
                                    "FlexAct α=0 + commit"}
     assert 0 <= stats["correct"]["FlexAct α=0.3"] <= 10
+
+
+def test_overhead_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = _load("overhead").main(["--batch", "2", "--repeats", "1", "--steps", "1",
+                                   "--no-write"])
+    assert [r["comparison"].split(":")[0] for r in rows] == ["ResNet18", "ResNet18",
+                                                             "layer alone on (8, 64, 32, 32)"]
+    for row in rows:
+        assert row["time_ratio"] > 0 and row["memory_ratio"] >= 1.0
+    assert "time ratio" in capsys.readouterr().out
+
+
+def test_pipeline_benchmark_smoke() -> None:
+    result = _load("pipeline").main(["--images", "20", "--batch", "10", "--repeats", "1",
+                                     "--no-write"])
+    assert result["cli_s"] > 0 and result["hand_s"] > 0
+    assert result["ratio"] == pytest.approx(result["cli_s"] / result["hand_s"])
