@@ -204,3 +204,27 @@ def test_resume_continues_temperature(tmp_path: Path) -> None:
     for step, tau in resumed.taus.items():
         assert tau == pytest.approx(full.taus[step], rel=1e-6)
     assert full.taus[0] == pytest.approx(2.0) and full.taus[39] < full.taus[16] < 2.0
+
+
+def test_compile_and_channels_last_options_match_eager(tmp_path: Path) -> None:
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    kwargs = dict(num_outputs=3, hidden_features=6, in_features=4, swap_backbone=True)
+    eager = FlexActClassifier(backbone=backbone, **kwargs)  # type: ignore[arg-type]
+    fast = FlexActClassifier(backbone=nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(),
+                                                    nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+                             compile=True, compile_backend="aot_eager", channels_last=True,
+                             **kwargs)  # type: ignore[arg-type]
+    fast.load_state_dict(eager.state_dict())
+    assert fast.backbone[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(5, 3, 8, 8)
+    for model in (eager, fast):
+        model.train()
+    torch.manual_seed(3)
+    out_eager = eager(x)
+    torch.manual_seed(3)
+    out_fast = fast(x)
+    torch.testing.assert_close(out_fast, out_eager, rtol=1e-5, atol=1e-6)
+    out_fast.sum().backward()
+    assert fast.head.flexact.logits.grad is not None
+    assert fast._compiled_forward is not None
+    assert set(fast.state_dict()) == set(eager.state_dict())  # no _orig_mod. prefixes

@@ -118,6 +118,11 @@ class FlexActModule(L.LightningModule):
             accumulation over N micro-batches.
         kl_reduction: Combine the layers' KL terms by ``sum`` (the paper) or ``mean`` (keeps α's
             pull independent of depth; recommended with ``swap_backbone``).
+        compile: Run the forward pass through ``torch.compile`` (FlexAct's training forward has no
+            graph breaks); the state dict is unchanged.
+        compile_backend: The ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
+        channels_last: Keep the backbone's weights and 4-D inputs in channels-last memory
+            format (faster convolutions on GPUs with tensor cores).
 
     Every run also gets a :class:`~flexact.callbacks.FiniteGuard` and an
     :class:`~flexact.callbacks.RNGState` (see :meth:`configure_callbacks`).
@@ -148,6 +153,9 @@ class FlexActModule(L.LightningModule):
         swap_backbone: bool = False,
         sync_statistics: bool = True,
         kl_reduction: Literal["sum", "mean"] = "sum",
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=_unsaved_argument_names(inspect.currentframe()))
@@ -160,7 +168,10 @@ class FlexActModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.backbone = backbone
+        self._compiled_forward: Any = None
         self.configure_models()
+        if channels_last:
+            self.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.configure_losses()
         self.configure_metrics()
         for _, layer in flexact_layers(self):
@@ -241,7 +252,18 @@ class FlexActModule(L.LightningModule):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """Backbone features through the FlexAct head."""
+        """Backbone features through the FlexAct head (compiled if ``compile`` is set)."""
+        if self.hparams.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if not self.hparams.compile:
+            return self.features_to_outputs(x)
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.features_to_outputs,
+                                                   backend=self.hparams.compile_backend)
+        return self._compiled_forward(x)
+
+    def features_to_outputs(self, x: Tensor) -> Tensor:
+        """The uncompiled forward: ``head(backbone(x))``."""
         return self.head(self.backbone(x))
 
     def targets_like(self, outputs: Tensor, targets: Tensor) -> Tensor:
