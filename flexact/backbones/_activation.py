@@ -49,6 +49,10 @@ def build_activation(name: str, num_channels: int | None = None,
     """
     options = dict(kwargs or {})
     check_backbone_activation(name)
+    if name in FLEXACT_NAMES:
+        # FlexAct at every site: keep inputs for backward in bf16 unless asked otherwise (see
+        # flexact.swap_activations), so the network stays within 1.25× a ReLU network's memory.
+        options.setdefault("compact_memory", True)
     if name == "flexact":
         return FlexAct(**options)
     if name == "flexact_channel":
