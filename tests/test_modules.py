@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from flexact import ConfigError, FlexAct
+from flexact import ConfigError, FlexAct, flexact_layers
 from flexact.callbacks import TemperatureAnnealing
 from flexact.datamodules import SyntheticDataModule
 from flexact.modules import FlexActClassifier, FlexActRegressor
@@ -228,3 +228,17 @@ def test_compile_and_channels_last_options_match_eager(tmp_path: Path) -> None:
     assert fast.head.flexact.logits.grad is not None
     assert fast._compiled_forward is not None
     assert set(fast.state_dict()) == set(eager.state_dict())  # no _orig_mod. prefixes
+
+
+def test_regularize_backbone_false_keeps_the_kl_on_the_head() -> None:
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    model = FlexActRegressor(backbone=backbone, in_features=8, hidden_features=4,
+                             swap_backbone=True, regularize_backbone=False)
+    layers = dict(flexact_layers(model))
+    assert set(layers) == {"backbone.1", "backbone.3", "head.flexact"}
+    model.train()
+    model(torch.randn(16, 4))
+    assert layers["backbone.1"]._targets is None and layers["head.flexact"]._targets is not None
+    everywhere = FlexActRegressor(backbone=nn.Sequential(nn.Linear(4, 8), nn.ReLU()),
+                                  in_features=8, swap_backbone=True)
+    assert all(layer.regularize for _, layer in flexact_layers(everywhere))

@@ -123,6 +123,9 @@ class FlexActModule(L.LightningModule):
         compile_backend: The ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
         channels_last: Keep the backbone's weights and 4-D inputs in channels-last memory
             format (faster convolutions on GPUs with tensor cores).
+        regularize_backbone: Apply the bias-correcting KL to FlexAct layers inside the backbone
+            too; false restricts it to the head, as in the paper (in hidden layers it pulls every
+            layer toward Sigmoid: see the teacher benchmark in benchmarks/RESULTS.md).
 
     Every run also gets a :class:`~flexact.callbacks.FiniteGuard` and an
     :class:`~flexact.callbacks.RNGState` (see :meth:`configure_callbacks`).
@@ -156,6 +159,7 @@ class FlexActModule(L.LightningModule):
         compile: bool = False,
         compile_backend: str = "inductor",
         channels_last: bool = False,
+        regularize_backbone: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=_unsaved_argument_names(inspect.currentframe()))
@@ -174,8 +178,10 @@ class FlexActModule(L.LightningModule):
             self.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.configure_losses()
         self.configure_metrics()
-        for _, layer in flexact_layers(self):
-            layer.regularize = self.hparams.alpha > 0  # gradient norms are only needed for α > 0
+        for name, layer in flexact_layers(self):
+            # Gradient norms are only needed where the KL term applies.
+            in_backbone = name.startswith("backbone.")
+            layer.regularize = self.hparams.alpha > 0 and (regularize_backbone or not in_backbone)
             layer.sync_statistics = bool(self.hparams.get("sync_statistics", True))
         self._anchored: list[nn.Parameter] = []
 
