@@ -22,6 +22,7 @@ from flexact.datamodules import CIFAR10DataModule, DatasetError, MNISTDataModule
 from flexact.datamodules._common import file_md5
 from flexact.datamodules._images import TensorBatchLoader, random_crop, random_hflip
 from flexact.datamodules.fake import write_cifar10, write_idx, write_mnist
+from flexact.datamodules.sampling import shard_indices
 from flexact.modules import FlexActClassifier
 
 from .conftest import REPO
@@ -170,15 +171,44 @@ def test_on_device_loader_covers_every_sample_and_shards_ranks() -> None:
     data = torch.arange(10)
     loader = TensorBatchLoader((data, data * 2), batch_size=3, shuffle=True, seed=0)
     assert len(loader) == 4
+    epoch0 = torch.cat([b[0] for b in loader])
+    assert torch.equal(torch.cat([b[0] for b in loader]), epoch0)  # the epoch is set from outside
+    loader.set_epoch(1)
     epoch1 = torch.cat([b[0] for b in loader])
-    epoch2 = torch.cat([b[0] for b in loader])
-    assert sorted(epoch1.tolist()) == list(range(10)) and not torch.equal(epoch1, epoch2)
+    assert sorted(epoch1.tolist()) == list(range(10)) and not torch.equal(epoch0, epoch1)
     assert all(torch.equal(b[1], b[0] * 2) for b in loader)
     ranks = [TensorBatchLoader((data,), 2, shuffle=True, seed=5, rank=r, world_size=3)
              for r in range(3)]
     shards = [torch.cat([b[0] for b in r]).tolist() for r in ranks]
     assert {len(s) for s in shards} == {4} and {len(r) for r in ranks} == {2}
     assert set().union(*map(set, shards)) == set(range(10))
+
+
+def test_on_device_loader_order_is_set_from_outside_and_resumes_mid_epoch() -> None:
+    data = torch.arange(22)
+
+    def loader(rank: int = 0) -> TensorBatchLoader:
+        return TensorBatchLoader((data,), 4, shuffle=True, seed=3, rank=rank, world_size=2)
+
+    for rank in (0, 1):
+        full = loader(rank)
+        full.set_epoch(2)
+        order = torch.cat([b[0] for b in full])
+        expected = shard_indices(22, rank, 2, seed=3, epoch=2)
+        assert torch.equal(order, expected)  # the DistributedSampler rule, whatever came before
+        iterator = iter(full)
+        seen = [next(iterator)[0] for _ in range(2)]
+        state = full.state_dict()
+        assert state == {"epoch": 2, "batches": 2}
+        resumed = loader(rank)
+        resumed.load_state_dict(state)
+        assert resumed.epoch == 2 and len(resumed) == 3  # Lightning counts the skipped batches
+        rest = [b[0] for b in resumed]
+        assert torch.equal(torch.cat(seen + rest), expected) and len(rest) == 1
+        assert torch.equal(torch.cat([b[0] for b in resumed]), expected)  # then whole again
+    finished = loader()
+    finished.load_state_dict({"epoch": 2, "batches": 3})  # a finished epoch: the next one
+    assert finished.epoch == 3 and len(list(finished)) == 3
 
 
 def test_on_device_true_serves_tensor_batches(tmp_path: Path) -> None:

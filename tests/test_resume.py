@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 
+from flexact.backbones import LeNet5
 from flexact.callbacks import FiniteGuard, RNGState
 from flexact.checkpoint import AtomicCheckpointIO
 from flexact.cli import FlexActCLI, build_cli
+from flexact.datamodules import CIFAR10DataModule
+from flexact.datamodules._images import TensorBatchLoader
+from flexact.datamodules.fake import write_cifar10
+from flexact.modules import FlexActClassifier
 
 from .conftest import REPO
 
@@ -131,3 +139,97 @@ def test_checkpoint_holds_the_random_states_and_the_loader_position(
         {"epoch": 0, "batches": 3}]
     state = checkpoint["state_dict"]["head.flexact._extra_state"]
     assert state == {"candidates": ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]}
+
+
+# --------------------------------------------------------------------------- on-device images
+# CIFAR-format data kept "on the device" (forced on the CPU): batches drawn by indexing tensors,
+# augmented by the batch. 40 training images, 8 held out, batch 8: 4 steps per epoch, 3 epochs;
+# checkpoints every 3 steps, so step 3 lies inside epoch 0 and step 6 inside epoch 1.
+
+
+def _image_run(data: Path, root: Path, on_device: bool,
+               ckpt_path: Path | None = None) -> L.LightningModule:
+    L.seed_everything(0)
+    dm = CIFAR10DataModule(data_dir=str(data), val_split=0.2, batch_size=8, augment=True,
+                           on_device=on_device)
+    backbone = LeNet5(in_channels=3, image_size=32, channels=(4, 8), hidden_features=None)
+    model = FlexActClassifier(backbone=backbone, num_outputs=10, hidden_features=16,
+                              optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
+    steps = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=3,
+                            save_top_k=-1)
+    trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False,
+                        callbacks=[steps], enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=root)
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    assert trainer.global_step == 12
+    loader = trainer.train_dataloader
+    assert isinstance(loader, TensorBatchLoader) == on_device
+    return model
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10(root, n_train_per_class=4, n_test_per_class=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()  # small convolutions: one thread is as fast, and steady
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_images(image_data: Path, one_thread: None,
+                         tmp_path_factory: pytest.TempPathFactory
+                         ) -> dict[bool, tuple[dict[str, Any], Path]]:
+    runs = {}
+    for on_device in (True, False):
+        root = tmp_path_factory.mktemp(f"images_on_device_{on_device}")
+        runs[on_device] = (_image_run(image_data, root, on_device).state_dict(), root)
+    return runs
+
+
+def _equal_states(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Bit-for-bit equal tensors (and equal extra states) under the same names."""
+    return a.keys() == b.keys() and all(
+        torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+
+
+@pytest.mark.parametrize("on_device", [True, False], ids=["on_device", "dataloader"])
+@pytest.mark.parametrize("checkpoint", ["step=3.ckpt", "step=6.ckpt"])
+def test_resumed_image_run_ends_exactly_like_the_uninterrupted_one(
+    uninterrupted_images: dict[bool, tuple[dict[str, Any], Path]], image_data: Path,
+    tmp_path: Path, on_device: bool, checkpoint: str,
+) -> None:
+    full, run = uninterrupted_images[on_device]
+    saved = torch.load(run / checkpoint, weights_only=True)
+    step = int(checkpoint[5:-5])
+    assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
+        {"epoch": step // 4, "batches": step % 4}]  # mid-epoch: the position is saved
+    resumed = _image_run(image_data, tmp_path, on_device, ckpt_path=run / checkpoint)
+    assert _equal_states(resumed.state_dict(), full)  # bit for bit
+
+
+def test_on_device_and_dataloader_image_runs_train_on_the_same_batches(
+    uninterrupted_images: dict[bool, tuple[dict[str, Any], Path]],
+) -> None:
+    """Same order and same augmentation whether the data set lives on the device or not."""
+    assert _equal_states(uninterrupted_images[True][0], uninterrupted_images[False][0])
+
+
+def test_resumed_image_run_without_the_loader_position_diverges(
+    uninterrupted_images: dict[bool, tuple[dict[str, Any], Path]], image_data: Path,
+    tmp_path: Path,
+) -> None:
+    """The equality above is not vacuous: restarting the epoch's data changes the result."""
+    full, run = uninterrupted_images[True]
+    checkpoint = torch.load(run / "step=6.ckpt", weights_only=True)
+    del checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    path = tmp_path / "stripped.ckpt"
+    torch.save(checkpoint, path)
+    resumed = _image_run(image_data, tmp_path / "run", True, ckpt_path=path)
+    assert not _equal_states(resumed.state_dict(), full)

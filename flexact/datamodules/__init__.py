@@ -8,6 +8,7 @@ writes tiny data sets in the genuine on-disk formats, for smoke tests without do
 
 from flexact.datamodules._common import DatasetError
 from flexact.datamodules._images import ImageDataModule
+from flexact.datamodules.base import SplitDataModule
 from flexact.datamodules.cifar10 import CIFAR10DataModule
 from flexact.datamodules.mnist import MNISTDataModule
 from flexact.datamodules.synthetic import SyntheticDataModule, make_synthetic
@@ -18,6 +19,7 @@ __all__ = [
     "DatasetError",
     "ImageDataModule",
     "MNISTDataModule",
+    "SplitDataModule",
     "SyntheticDataModule",
     "TextDataModule",
     "Vocabulary",

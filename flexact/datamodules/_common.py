@@ -16,7 +16,7 @@ import threading
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from flexact.errors import ConfigError
@@ -26,9 +26,11 @@ __all__ = [
     "decode_counting",
     "download_file",
     "extract_archive",
+    "fetch_archive",
     "file_md5",
     "gunzip",
     "missing_message",
+    "raise_if_missing",
 ]
 
 DOWNLOAD_TIMEOUT_S = 60.0
@@ -61,6 +63,21 @@ def missing_message(what: str, paths: Iterable[Path], hint: str) -> str:
     """
     listed = ", ".join(str(p) for p in paths)
     return f"{what} not found: missing {listed}; {hint}"
+
+
+def raise_if_missing(what: str, missing: Sequence[Path], hint: str, download: bool) -> None:
+    """Raise :class:`DatasetError` naming the missing paths, if there are any.
+
+    Args:
+        what: Name of the data set.
+        missing: The files or folders that are not on disk (nothing happens when empty).
+        hint: What the user can do when downloading is off.
+        download: Whether downloading is on: the files should then be there, so the message
+            says that the download did not complete instead of ``hint``.
+    """
+    if missing:
+        hint = "the download did not complete; run again" if download else hint
+        raise DatasetError(missing_message(what, missing, hint))
 
 
 def file_md5(path: Path, chunk_size: int = 1 << 20) -> str:
@@ -138,6 +155,30 @@ def extract_archive(archive: Path, dest: Path) -> None:
             f"the archive {archive} is truncated or corrupt ({err}); delete it and run again "
             "with download enabled, or replace it with a good copy"
         ) from err
+
+
+def fetch_archive(url: str, archive: Path, dest: Path, expected: Iterable[Path],
+                  md5: str | None = None) -> None:
+    """Download an archive (unless already there), extract it, and check what it held.
+
+    Args:
+        url: Address of the archive.
+        archive: Where to keep it.
+        dest: Folder to extract it into.
+        expected: Files or folders the extracted archive must provide.
+        md5: Expected hex MD5 digest of the download, or ``None`` to skip the check.
+
+    Raises:
+        DatasetError: If the download fails, the archive is corrupt, or it lacks an expected
+            path.
+    """
+    if not archive.is_file():
+        download_file(url, archive, md5)
+    extract_archive(archive, dest)
+    missing = [p for p in expected if not p.exists()]
+    if missing:
+        raise DatasetError(f"the archive {archive} (from {url}) does not contain "
+                           f"{', '.join(str(p) for p in missing)}; delete it and check data.url")
 
 
 def gunzip(source: Path, dest: Path) -> None:

@@ -10,15 +10,17 @@ by indexing it, so no host work is left in the training loop.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
-import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
+from flexact.datamodules.base import SplitDataModule
+from flexact.datamodules.sampling import EpochShardSampler, resume_skip, run_seed
 from flexact.errors import ConfigError
 
 __all__ = ["ImageDataModule", "TensorBatchLoader", "random_crop", "random_hflip"]
@@ -60,9 +62,17 @@ def random_hflip(images: Tensor, generator: torch.Generator | None = None) -> Te
 class TensorBatchLoader:
     """Batches drawn by indexing tensors in place (on the accelerator), without a DataLoader.
 
-    Each epoch is a fresh permutation from ``seed`` and the epoch number, identical on every
-    rank; each rank takes every ``world_size``-th sample (padded by repetition to equal length,
-    as ``DistributedSampler`` does), so all ranks run the same number of steps.
+    The order of epoch ``e`` is a pure function of ``(seed, e)``, identical on every rank, and
+    each rank takes its shard of it exactly as a ``DistributedSampler`` would (padded by
+    repetition to equal length), so all ranks run the same number of steps: see
+    :class:`~flexact.datamodules.sampling.EpochShardSampler`, the loader's ``sampler``.
+
+    Like a ``DataLoader`` with a ``DistributedSampler``, it changes its order only when the
+    epoch is set: Lightning's fit loop calls ``sampler.set_epoch`` at every epoch start with
+    the trainer's epoch, so a resumed run continues with the right permutation. Like
+    :class:`~flexact.datamodules.sampling.ResumableDataLoader`, it is stateful: Lightning saves
+    its position (epoch and batches yielded) in checkpoints, and a loader given that state
+    skips the batches already trained on.
 
     Args:
         tensors: Tensors with the same first dimension, on one device.
@@ -77,48 +87,71 @@ class TensorBatchLoader:
                  rank: int = 0, world_size: int = 1) -> None:
         self.tensors = tuple(tensors)
         self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.epoch = 0
         self.num_samples = len(self.tensors[0])
+        self.sampler = EpochShardSampler(self.num_samples, rank, world_size, seed=seed,
+                                         shuffle=shuffle)
+        self.batch_sampler = None  # as a DataLoader with a sampler (Lightning reads both)
+        self._epoch_of_live: int | None = None
+        self._yielded = 0
+        self._resume: dict[str, Any] | None = None
 
-    def _per_rank(self) -> int:
-        return math.ceil(self.num_samples / self.world_size)
+    @property
+    def epoch(self) -> int:
+        """The epoch whose permutation the next iteration serves."""
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` (Lightning does it through ``sampler``)."""
+        self.sampler.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return math.ceil(self._per_rank() / self.batch_size)
+        return math.ceil(len(self.sampler) / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        n = self.num_samples
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(n, generator=generator)
-            self.epoch += 1
-        else:
-            order = torch.arange(n)
-        total = self._per_rank() * self.world_size
-        if total > n:
-            order = torch.cat([order, order[: total - n]])
-        order = order[self.rank::self.world_size].to(self.tensors[0].device)
-        for start in range(0, len(order), self.batch_size):
+        # A generator: this runs at the first next(), after Lightning has set the epoch and
+        # loaded the saved position.
+        epoch = self.sampler.epoch
+        resume, self._resume = self._resume, None
+        skip = resume_skip(resume, epoch, len(self))
+        self._epoch_of_live, self._yielded = epoch, skip
+        order = self.sampler.indices().to(self.tensors[0].device)
+        for start in range(skip * self.batch_size, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
+            self._yielded += 1  # counted when handed out, as a DataLoader's iterator does
             yield tuple(t[index] for t in self.tensors)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch and batches yielded in it so far (Lightning stores it in checkpoints)."""
+        return {"epoch": self._epoch_of_live, "batches": self._yielded}
 
-class ImageDataModule(L.LightningDataModule):
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Skip the saved number of batches at the start of the saved epoch."""
+        epoch, batches = state_dict.get("epoch"), int(state_dict.get("batches", 0))
+        self._resume = {"epoch": epoch, "batches": batches}
+        if isinstance(epoch, int):  # as ResumableDataLoader: also right without Lightning
+            self.sampler.set_epoch(epoch if batches < len(self) else epoch + 1)
+
+
+class ImageDataModule(SplitDataModule):
     """Image classification from uint8 tensors, augmented and normalized by the batch.
 
     Subclasses set the class attributes and implement :meth:`download_data`,
     :meth:`load_split` and :meth:`data_present`.
+
+    Every split is a pair ``(uint8 images (N, C, H, W), int64 labels (N,))`` in
+    :attr:`splits`. Training batches come in an order that is a pure function of the run's
+    seed and the epoch, the training loader resumes mid-epoch, and the random augmentation of
+    a training batch is a pure function of the run's seed, the rank and the batch's index in
+    the run (it never draws from the global generator), so a run resumed from any checkpoint
+    sees exactly the batches of the uninterrupted run, on or off the device.
 
     Args:
         data_dir: Folder of the data set's files.
         download: Fetch the files in ``prepare_data`` when they are missing.
         val_split: Fraction of the training images held out for validation (seeded); 0
             validates on the test set.
-        seed: Seed of the validation split and of the on-device shuffling.
+        seed: Seed of the validation split; also of the shuffling and the augmentation when
+            the run has no seed of its own (``seed_everything``).
         batch_size: Images per batch.
         num_workers: DataLoader worker processes.
         augment: Random crop (and flip, where the data set allows it) for training batches.
@@ -150,7 +183,6 @@ class ImageDataModule(L.LightningDataModule):
         augment: bool = True,
         on_device: OnDevice = "auto",
     ) -> None:
-        super().__init__()
         if not (isinstance(val_split, (int, float)) and 0 <= val_split < 1):
             raise ConfigError(f"val_split must be a fraction in [0, 1), got {val_split!r}")
         if batch_size < 1:
@@ -159,13 +191,15 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"num_workers must be >= 0, got {num_workers!r}")
         if on_device not in (True, False, "auto"):
             raise ConfigError(f"on_device must be true, false or 'auto', got {on_device!r}")
+        super().__init__(batch_size, num_workers, seed)
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.num_outputs = self.num_classes
         self.num_features: int | None = None  # the backbone gives the feature size
         self.classes: list[str] = [str(i) for i in range(self.num_classes)]
-        self.splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self.splits: dict[str, tuple[Tensor, Tensor]] = {}  # type: ignore[assignment]
         self._device_resident = False
+        self._augment_generators: dict[torch.device, torch.Generator] = {}
 
     # ------------------------------------------------------------------ subclass interface
     def data_present(self) -> bool:
@@ -219,64 +253,80 @@ class ImageDataModule(L.LightningDataModule):
             self.splits["test"] = self.load_split("test")
         if hp.val_split == 0 and "test" in self.splits:
             self.splits["val"] = self.splits["test"]  # val_split = 0: validate on the test set
+        moved: dict[int, tuple[Tensor, Tensor]] = {}  # val may be the test split: move it once
         for name, (images, labels) in list(self.splits.items()):
             if images.device != target:
-                self.splits[name] = (images.to(target), labels.to(target))
+                key = id(self.splits[name])
+                if key not in moved:
+                    moved[key] = (images.to(target), labels.to(target))
+                self.splits[name] = moved[key]
         if on_device:
             rank_zero_info(f"{self.dataset_name}: data set kept on {target} as uint8")
 
-    def _loader(self, split: str, train: bool) -> Any:
-        if split not in self.splits:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not prepared the {split} split")
-        hp = self.hparams
-        images, labels = self.splits[split]
-        if self._device_resident:
-            trainer = self.trainer
-            rank = trainer.global_rank if trainer is not None else 0
-            world = trainer.world_size if trainer is not None else 1
-            return TensorBatchLoader((images, labels), hp.batch_size, shuffle=train,
-                                     seed=hp.seed, rank=rank, world_size=world)
-        pin = self._target_device().type == "cuda"
-        return DataLoader(TensorDataset(images, labels), batch_size=hp.batch_size, shuffle=train,
-                          num_workers=hp.num_workers, pin_memory=pin,
-                          persistent_workers=hp.num_workers > 0)
+    def _dataset(self, split: str) -> TensorDataset:
+        return TensorDataset(*super()._dataset(split))  # type: ignore[misc]
 
-    def train_dataloader(self) -> Any:
-        return self._loader("train", train=True)
+    def _pin_memory(self) -> bool:
+        return self._target_device().type == "cuda"
 
-    def val_dataloader(self) -> Any:
-        return self._loader("val", train=False)
-
-    def test_dataloader(self) -> Any:
-        return self._loader("test", train=False)
-
-    def predict_dataloader(self) -> Any:
-        return self._loader("test", train=False)
+    def _loader(self, split: str, train: bool) -> Iterable[Any]:
+        if not self._device_resident:
+            return super()._loader(split, train)
+        dataset = self._dataset(split)
+        trainer = self.trainer
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        return TensorBatchLoader(dataset.tensors, self.batch_size, shuffle=train,
+                                 seed=run_seed(self.seed), rank=rank, world_size=world)
 
     # ------------------------------------------------------------------ batch transforms
-    def transform_batch(self, images: Tensor, train: bool) -> Tensor:
+    def transform_batch(self, images: Tensor, train: bool,
+                        generator: torch.Generator | None = None) -> Tensor:
         """Augment (when training and ``augment`` is on) and normalize a uint8 batch.
 
         Args:
             images: ``(N, C, H, W)`` uint8 batch, on any device.
             train: Apply the random augmentation.
+            generator: Random generator of the augmentation, on the batch's device (default:
+                the global one).
 
         Returns:
             A float32 batch, normalized per channel.
         """
         if train and self.hparams.augment:
-            images = random_crop(images, self.crop_padding)
+            images = random_crop(images, self.crop_padding, generator)
             if self.flip:
-                images = random_hflip(images)
+                images = random_hflip(images, generator)
         x = images.float().div_(255.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return x.sub_(mean).div_(std)
+
+    def _augment_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of the training batch about to run, seeded from its place in the run.
+
+        The seed mixes the run's seed, the rank and the number of training batches the run has
+        started before this one (Lightning restores that count on resume), so the batch's
+        augmentation is the same in a resumed run, and drawing it leaves the global generator
+        (the Gumbel noise's) alone.
+        """
+        trainer = self.trainer
+        assert trainer is not None
+        batch_index = trainer.fit_loop.epoch_loop.batch_progress.total.ready
+        entropy = [run_seed(self.seed) % 2**64, trainer.global_rank, batch_index]
+        seed = int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0])
+        generator = self._augment_generators.get(device)
+        if generator is None:
+            generator = self._augment_generators[device] = torch.Generator(device=device)
+        return generator.manual_seed(seed)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Augment and normalize each uint8 batch once it is on the device."""
         images, labels = batch
         if images.dtype == torch.uint8:
             trainer = self.trainer
-            images = self.transform_batch(images, train=trainer is not None and trainer.training)
+            train = trainer is not None and trainer.training
+            augment = train and self.hparams.augment
+            generator = self._augment_generator(images.device) if augment else None
+            images = self.transform_batch(images, train=train, generator=generator)
         return images, labels

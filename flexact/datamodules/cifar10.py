@@ -13,9 +13,9 @@ from torch import Tensor
 
 from flexact.datamodules._common import (
     DatasetError,
-    download_file,
-    extract_archive,
+    fetch_archive,
     missing_message,
+    raise_if_missing,
 )
 from flexact.datamodules._images import ImageDataModule, OnDevice
 
@@ -121,7 +121,8 @@ class CIFAR10DataModule(ImageDataModule):
             missing (in ``prepare_data``, once per node).
         val_split: Fraction of the training images held out for validation; 0 trains on all
             50 000 and validates on the test set.
-        seed: Seed of the validation split (and of the on-device shuffling).
+        seed: Seed of the validation split; also of the shuffling and the augmentation when
+            the run has no seed of its own (``seed_everything``).
         batch_size: Images per batch.
         num_workers: DataLoader worker processes (the data are already tensors in memory, so 0
             is usually fastest).
@@ -167,27 +168,15 @@ class CIFAR10DataModule(ImageDataModule):
 
     def download_data(self) -> None:
         """Download ``cifar-10-python.tar.gz`` (unless already there) and extract it."""
-        archive = Path(self.data_dir) / "cifar-10-python.tar.gz"
-        if not archive.is_file():
-            download_file(self.url, archive, CIFAR10_MD5 if self.check_md5 else None)
-        extract_archive(archive, Path(self.data_dir))
-        missing = [p for p in self._files() if not p.is_file()]
-        if missing:
-            raise DatasetError(f"the archive {archive} (from {self.url}) does not contain "
-                               f"{', '.join(str(p) for p in missing)}; delete it and check the URL")
-
-    def _check_present(self) -> None:
-        missing = [p for p in self._files() if not p.is_file()]
-        if missing:
-            hint = ("set data.download true to fetch it, or extract cifar-10-python.tar.gz "
-                    f"into {self.data_dir}")
-            if self.hparams.download:
-                hint = "the download did not complete; run again"
-            raise DatasetError(missing_message("CIFAR-10", missing, hint))
+        data_dir = Path(self.data_dir)
+        fetch_archive(self.url, data_dir / "cifar-10-python.tar.gz", data_dir, self._files(),
+                      CIFAR10_MD5 if self.check_md5 else None)
 
     def load_split(self, split: Literal["train", "test"]) -> tuple[Tensor, Tensor]:
         """Read the five training batches or the test batch, and the class names."""
-        self._check_present()
+        raise_if_missing("CIFAR-10", [p for p in self._files() if not p.is_file()],
+                         "set data.download true to fetch it, or extract "
+                         f"cifar-10-python.tar.gz into {self.data_dir}", self.hparams.download)
         meta = _unpickle(self.root / META_FILE)
         names = meta.get("label_names")
         if not isinstance(names, list) or len(names) != self.num_classes:

@@ -14,7 +14,13 @@ import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import Tensor
 
-from flexact.datamodules._common import DatasetError, download_file, gunzip, missing_message
+from flexact.datamodules._common import (
+    DatasetError,
+    download_file,
+    gunzip,
+    missing_message,
+    raise_if_missing,
+)
 from flexact.datamodules._images import ImageDataModule, OnDevice
 
 __all__ = ["MNIST_FILES", "MNIST_MIRRORS", "MNISTDataModule", "read_idx"]
@@ -92,7 +98,8 @@ class MNISTDataModule(ImageDataModule):
             ``prepare_data``, once per node).
         val_split: Fraction of the training images held out for validation; 0 trains on all
             60 000 and validates on the test set.
-        seed: Seed of the validation split (and of the on-device shuffling).
+        seed: Seed of the validation split; also of the shuffling and the augmentation when
+            the run has no seed of its own (``seed_everything``).
         batch_size: Images per batch.
         num_workers: DataLoader worker processes (the data are already tensors in memory, so 0
             is usually fastest).
@@ -165,12 +172,8 @@ class MNISTDataModule(ImageDataModule):
         image_name, label_name = _SPLIT_FILES[split]
         paths = {name: self._path(name) for name in (image_name, label_name)}
         missing = [self.root / name for name, path in paths.items() if path is None]
-        if missing:
-            hint = ("set data.download true to fetch them, or put the official idx files "
-                    f"(or their .gz) in {self.root}")
-            if self.hparams.download:
-                hint = "the download did not complete; run again"
-            raise DatasetError(missing_message("MNIST", missing, hint))
+        raise_if_missing("MNIST", missing, "set data.download true to fetch them, or put the "
+                         f"official idx files (or their .gz) in {self.root}", self.hparams.download)
         image_path, label_path = paths[image_name], paths[label_name]
         assert image_path is not None and label_path is not None
         images, labels = read_idx(image_path), read_idx(label_path)

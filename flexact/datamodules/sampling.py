@@ -17,9 +17,16 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, Sampler
 
-__all__ = ["EpochRandomSampler", "ResumableDataLoader", "run_seed", "shard_indices"]
+__all__ = [
+    "EpochRandomSampler",
+    "EpochShardSampler",
+    "ResumableDataLoader",
+    "resume_skip",
+    "run_seed",
+    "shard_indices",
+]
 
 
 def run_seed(default: int = 0) -> int:
@@ -113,6 +120,67 @@ class EpochRandomSampler(RandomSampler):
         return len(self.data_source)
 
 
+class EpochShardSampler(Sampler[int]):
+    """This rank's shard of epoch ``e``'s order (:func:`shard_indices`); Lightning sets the epoch.
+
+    For a loader that is not a ``DataLoader`` (e.g. one that indexes a data set kept on the
+    device), to which Lightning therefore never gives a ``DistributedSampler``: it shards by
+    itself, exactly as ``DistributedSampler`` would, and like it changes its order only when
+    ``set_epoch`` is called, which Lightning's fit loop does at every epoch start on the
+    ``sampler`` attribute of every training loader.
+
+    Args:
+        num_samples: Size of the data set.
+        rank: This process's global rank.
+        world_size: Number of processes.
+        seed: Base seed; :func:`run_seed` gives the one Lightning's ``DistributedSampler`` uses.
+        shuffle: Permute every epoch (else keep the natural order).
+    """
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1, *, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        self.num_samples = int(num_samples)
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.indices()  # checks the arguments
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the permutation of ``epoch`` (called by Lightning at every epoch start)."""
+        self.epoch = int(epoch)
+
+    def indices(self) -> torch.Tensor:
+        """The current epoch's indices for this rank, as a 1-D ``int64`` tensor."""
+        return shard_indices(self.num_samples, self.rank, self.world_size, seed=self.seed,
+                             epoch=self.epoch, shuffle=self.shuffle)
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self.indices().tolist()
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.world_size)
+
+
+def resume_skip(resume: dict[str, Any] | None, epoch: int | None, num_batches: int) -> int:
+    """How many batches a loader starting ``epoch`` skips, given a saved position.
+
+    Args:
+        resume: A loader's saved ``{"epoch": e, "batches": b}`` (``None``: not resuming).
+        epoch: The epoch now starting.
+        num_batches: Batches in a whole epoch.
+
+    Returns:
+        ``b`` when the saved position lies inside this very epoch, else 0 (a finished epoch, or
+        one other than the saved one, starts from its beginning).
+    """
+    if resume is None or resume.get("epoch") != epoch:
+        return 0
+    batches = int(resume.get("batches", 0))
+    return batches if batches < num_batches else 0
+
+
 class _SkipFirst:
     """Index sampler that skips the batches a resumed epoch has already trained on."""
 
@@ -165,9 +233,7 @@ class ResumableDataLoader(DataLoader):
         """Called when an epoch's indices start: how many batches to skip (0 unless resuming)."""
         epoch = self._sampler_epoch()
         resume, self._resume = self._resume, None
-        skip = 0
-        if resume is not None and resume["batches"] < len(self) and resume["epoch"] == epoch:
-            skip = int(resume["batches"])
+        skip = resume_skip(resume, epoch, len(self))
         self._epoch_of_live = epoch
         self._skipped = skip
         return skip

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from flexact.activations import check_activation_name, get_activation
-from flexact.datamodules.sampling import EpochRandomSampler, ResumableDataLoader, run_seed
+from flexact.datamodules.base import SplitDataModule
 from flexact.errors import ConfigError
 
 __all__ = ["SyntheticDataModule", "make_synthetic"]
@@ -58,7 +57,7 @@ def make_synthetic(
     return x, y
 
 
-class SyntheticDataModule(L.LightningDataModule):
+class SyntheticDataModule(SplitDataModule):
     """Regression data ``y = a(k·x₁)`` with a hidden ground-truth activation ``a``.
 
     Args:
@@ -98,7 +97,7 @@ class SyntheticDataModule(L.LightningDataModule):
         batch_size: PositiveInt = 64,
         num_workers: NonNegativeInt = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         check_activation_name(truth)
         if n_informative > n_features:
             raise ConfigError(f"n_informative ({n_informative}) cannot exceed n_features "
@@ -106,7 +105,6 @@ class SyntheticDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.num_features = int(n_features)
         self.num_outputs = 1
-        self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Generate all splits once, deterministically from ``seed``."""
@@ -123,27 +121,3 @@ class SyntheticDataModule(L.LightningDataModule):
             x, y = make_synthetic(n, hp.truth, hp.k, hp.n_features, hp.n_informative, hp.noise,
                                   generator, ranges[split])
             self.splits[split] = TensorDataset(x, y)
-        self.splits["predict"] = self.splits["test"]
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        dataset = self.splits[split]
-        # A generator of its own keeps the loader off the global RNG (each iterator draws a
-        # base seed), so evaluation never shifts the Gumbel noise of training.
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        loader_class = ResumableDataLoader if shuffle else DataLoader
-        sampler = EpochRandomSampler(dataset, seed=run_seed(self.hparams.seed)) if shuffle else None
-        return loader_class(dataset, batch_size=self.hparams.batch_size, sampler=sampler,
-                            num_workers=self.hparams.num_workers, generator=generator,
-                            persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import itertools
 
-import lightning as L
 import torch
 from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from flexact.activations import check_activation_name, get_activation
+from flexact.datamodules.base import SplitDataModule
 from flexact.errors import ConfigError
 
 __all__ = ["TeacherDataModule", "make_teacher", "teacher_network"]
@@ -70,7 +70,7 @@ def make_teacher(
     return x, y
 
 
-class TeacherDataModule(L.LightningDataModule):
+class TeacherDataModule(SplitDataModule):
     """Binary classification data labelled by a random teacher network.
 
     Args:
@@ -86,6 +86,9 @@ class TeacherDataModule(L.LightningDataModule):
         seed: Seed of the teacher, the inputs and the split.
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes.
+
+    The training order of epoch ``e`` is a pure function of the run's seed and ``e``, and the
+    training loader resumes mid-epoch (see :class:`~flexact.datamodules.base.SplitDataModule`).
     """
 
     def __init__(
@@ -102,7 +105,7 @@ class TeacherDataModule(L.LightningDataModule):
         batch_size: PositiveInt = 128,
         num_workers: NonNegativeInt = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         check_activation_name(activation)
         if val_fraction + test_fraction >= 1:
             raise ConfigError(f"val_fraction + test_fraction must be < 1, got "
@@ -110,7 +113,6 @@ class TeacherDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         self.num_features = int(n_features)
         self.num_outputs = 2
-        self.splits: dict[str, TensorDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
         """Build the teacher and split its data once, deterministically from ``seed``."""
@@ -126,21 +128,3 @@ class TeacherDataModule(L.LightningDataModule):
         parts = torch.split(order, [n_train, n_val, n_test])
         for split, index in zip(("train", "val", "test"), parts, strict=True):
             self.splits[split] = TensorDataset(x[index], y[index])
-        self.splits["predict"] = self.splits["test"]
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[split], batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers,
-                          persistent_workers=self.hparams.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict", shuffle=False)

@@ -25,20 +25,19 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
 from flexact.datamodules._common import (
     DatasetError,
     decode_counting,
-    download_file,
-    extract_archive,
-    missing_message,
+    fetch_archive,
+    raise_if_missing,
 )
+from flexact.datamodules.base import SplitDataModule
 from flexact.errors import ConfigError
 
 __all__ = [
@@ -217,7 +216,7 @@ def _label_order(labels: Iterable[str]) -> list[str]:
     return sorted(unique)
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(SplitDataModule):
     """Text classification: polarity data or your corpus, as padded token-id tensors.
 
     Sources (``source``):
@@ -237,7 +236,9 @@ class TextDataModule(L.LightningDataModule):
     ``(token ids (B, L) int64, labels (B,))`` with ``<pad>`` = 0.
 
     Bytes that do not decode with ``encoding`` are replaced and counted (a warning says how many),
-    never fatal.
+    never fatal. The training order of epoch ``e`` is a pure function of the run's seed and
+    ``e``, and the training loader resumes mid-epoch (see
+    :class:`~flexact.datamodules.base.SplitDataModule`).
 
     Args:
         data_dir: Folder of the data (polarity data, and the base of relative ``path``s).
@@ -300,7 +301,7 @@ class TextDataModule(L.LightningDataModule):
         batch_size: PositiveInt = 50,
         num_workers: NonNegativeInt = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, seed)
         polarity = source in POLARITY_URLS
         if source not in (*POLARITY_URLS, "folder", "csv", "tsv", "jsonl"):
             raise ConfigError(f"unknown source {source!r}")
@@ -345,7 +346,6 @@ class TextDataModule(L.LightningDataModule):
         self.num_features: int | None = None  # the backbone gives the feature size
         self.vocab: Vocabulary | None = None
         self.vectors: Tensor | None = None
-        self.datasets: dict[str, TensorDataset] = {}
         self.split_indices: dict[str, list[int]] = {}
         """Indices of each split's texts in the corpus (the test split's in ``test_path`` if
         given), after :meth:`setup`."""
@@ -393,6 +393,11 @@ class TextDataModule(L.LightningDataModule):
         return None if self.vocab is None else len(self.vocab)
 
     @property
+    def datasets(self) -> dict[str, TensorDataset]:
+        """The token-id data set of each split (the same dict as :attr:`splits`)."""
+        return self.splits  # type: ignore[return-value]
+
+    @property
     def num_bad_bytes(self) -> int:
         """Total number of undecodable bytes replaced while reading."""
         return sum(self.bad_bytes.values())
@@ -436,14 +441,10 @@ class TextDataModule(L.LightningDataModule):
         return self._resolve(self.hparams.path if which == "main" else self.hparams.test_path)
 
     def _missing_polarity(self) -> None:
-        missing = [p for p in self._polarity_files() if not p.exists()]
-        if missing:
-            hint = (f"set data.download true to fetch {self.url}, or download and extract it "
-                    f"into {self.data_dir}")
-            if self.hparams.download:
-                hint = "the download did not complete; run again"
-            raise DatasetError(missing_message(self.source.replace("_", " ") + " data",
-                                               missing, hint))
+        raise_if_missing(self.source.replace("_", " ") + " data",
+                         [p for p in self._polarity_files() if not p.exists()],
+                         f"set data.download true to fetch {self.url}, or download and extract "
+                         f"it into {self.data_dir}", self.hparams.download)
 
     def _read_sentence_polarity(self) -> list[tuple[str, str]]:
         self._missing_polarity()
@@ -529,15 +530,7 @@ class TextDataModule(L.LightningDataModule):
             return
         assert self.url is not None
         name = self.url.rstrip("/").rsplit("/", 1)[-1] or f"{self.source}.tar.gz"
-        archive = self.data_dir / name
-        if not archive.is_file():
-            download_file(self.url, archive)
-        extract_archive(archive, self.data_dir)
-        missing = [p for p in self._polarity_files() if not p.exists()]
-        if missing:
-            raise DatasetError(f"the archive {archive} (from {self.url}) does not contain "
-                               f"{', '.join(str(p) for p in missing)}; delete it and check "
-                               "data.url")
+        fetch_archive(self.url, self.data_dir / name, self.data_dir, self._polarity_files())
 
     def _splits(self, labels: list[int]) -> dict[str, list[int]]:
         """Stratified, seeded train/val/test indices into the main corpus."""
@@ -573,7 +566,7 @@ class TextDataModule(L.LightningDataModule):
         Also hands the vocabulary (and any pretrained vectors) to the attached model's
         ``set_vocabulary`` methods.
         """
-        if not self.datasets:
+        if not self.splits:
             self._build()
         self._configure_model()
 
@@ -607,9 +600,9 @@ class TextDataModule(L.LightningDataModule):
                 encoded = self.vocab.encode(toks[:length])
                 if encoded:
                     ids[row, :len(encoded)] = torch.tensor(encoded)
-            self.datasets[name] = TensorDataset(ids, torch.tensor(targets[name]))
-        if "val" not in self.datasets:
-            self.datasets["val"] = self.datasets["test"]  # val_split = 0
+            self.splits[name] = TensorDataset(ids, torch.tensor(targets[name]))
+        if "val" not in self.splits:
+            self.splits["val"] = self.splits["test"]  # val_split = 0
         found = None
         if hp.vectors_path is not None:
             self.vectors, found = load_vectors(self._resolve(hp.vectors_path), self.vocab,
@@ -623,7 +616,7 @@ class TextDataModule(L.LightningDataModule):
         return index[label]
 
     def _report(self, length: int, found: int | None) -> None:
-        sizes = ", ".join(f"{name} {len(self.datasets[name])}" for name in ("train", "val", "test"))
+        sizes = ", ".join(f"{name} {len(self.splits[name])}" for name in ("train", "val", "test"))
         vocab = len(self.vocab) if self.vocab is not None else 0
         message = (f"{self.source}: {sizes} texts; labels {self.label_names}; vocabulary "
                    f"{vocab}; max length {length}")
@@ -663,26 +656,6 @@ class TextDataModule(L.LightningDataModule):
                 f"from the data ({len(self.vocab)} tokens); use the same data, splits, seed, "
                 "min_freq, max_vocab_size, lowercase and token_pattern as in training"
             )
-
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        if split not in self.datasets:
-            raise RuntimeError("TextDataModule.setup() has not run")
-        hp = self.hparams
-        return DataLoader(self.datasets[split], batch_size=hp.batch_size, shuffle=shuffle,
-                          num_workers=hp.num_workers, persistent_workers=hp.num_workers > 0)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
 
 
 def _fraction(n: int, fraction: float) -> int:
