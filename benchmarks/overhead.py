@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from flexact import FlexAct, FlexActHead, selection_kl
 from flexact.backbones import cifar_resnet18
+from flexact.profiling import saved_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # a sibling script, not a package
@@ -66,20 +67,6 @@ def layer_step(layer: nn.Module, x: Tensor) -> Step:
         out.sum().backward()
 
     return step
-
-
-def saved_bytes(step_forward: Callable[[], Tensor]) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = step_forward()
-    out.sum().backward()
-    return sum(storages.values())
 
 
 def peak_memory(step: Step, device: torch.device) -> int:

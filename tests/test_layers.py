@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -21,6 +21,7 @@ from flexact import (
     mixture,
     selection_kl,
 )
+from flexact.profiling import saved_bytes
 
 from .conftest import OTHER_BUILTINS
 
@@ -70,20 +71,6 @@ def _kl(target: Sequence[float], probs: Sequence[float]) -> float:
 def _set_logits(layer: FlexAct, logits: Sequence[float] | Sequence[Sequence[float]]) -> None:
     with torch.no_grad():
         layer.logits.copy_(torch.tensor(logits, dtype=layer.logits.dtype))
-
-
-def _saved_bytes(fn: Callable[[], Tensor]) -> int:
-    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs."""
-    storages: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 class _MixtureModule(nn.Module):
@@ -569,14 +556,14 @@ def test_saved_bytes_at_most_one_and_a_half_relu(granularity: str) -> None:
     channels = 256 if granularity == "channel" else None
     layer = FlexAct(granularity=granularity, num_channels=channels).train()
     x = torch.randn(64, 256, requires_grad=True)
-    relu_bytes = _saved_bytes(lambda: nn.ReLU()(x))
-    flexact_bytes = _saved_bytes(lambda: layer(x))
+    relu_bytes = saved_bytes(lambda: nn.ReLU()(x))
+    flexact_bytes = saved_bytes(lambda: layer(x))
     assert relu_bytes >= x.numel() * x.element_size()
     assert flexact_bytes <= 1.5 * relu_bytes, (flexact_bytes, relu_bytes)
     # The measurement is discriminating: a naive autograd blend saves several activations.
     w = layer.sample_weights()
     cd = None if channels is None else 1
-    naive_bytes = _saved_bytes(lambda: _naive_mixture(x, w, list(layer.candidates), cd))
+    naive_bytes = saved_bytes(lambda: _naive_mixture(x, w, list(layer.candidates), cd))
     assert naive_bytes > 3 * relu_bytes
 
 

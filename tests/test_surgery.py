@@ -13,6 +13,7 @@ from torch import nn
 from flexact import ConfigError, FlexAct, flexact_layers, freeze_selection, swap_activations
 from flexact.cli import build_cli, main
 from flexact.modules import FlexActClassifier, FlexActRegressor
+from flexact.profiling import saved_bytes
 
 from .conftest import REPO
 
@@ -61,17 +62,7 @@ def test_swap_include_exclude_and_channels() -> None:
 
 
 def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x).square().mean()
-    loss.backward()
-    return sum(storages.values())
+    return saved_bytes(lambda: model(x))
 
 
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
