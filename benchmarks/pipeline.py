@@ -61,7 +61,7 @@ def cli_epoch(data_dir: str, batch: int, precision: str, root: str) -> tuple[flo
     """One epoch of ``configs/resnet18.yaml`` as the CLI builds it; (seconds, the CLI)."""
     cli = FlexActCLI(
         FlexActModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        auto_configure_optimizers=False, run=False, args=[
+        auto_configure_optimizers=False, run=False, save_config_callback=None, args=[
             "--config", str(REPO / "configs" / "resnet18.yaml"),
             "--data.data_dir", data_dir, "--data.download", "false",
             "--data.batch_size", str(batch), "--trainer.max_epochs", "1",

@@ -52,7 +52,7 @@ def test_overhead_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_pipeline_benchmark_smoke() -> None:
-    result = _load("pipeline").main(["--images", "20", "--batch", "10", "--repeats", "1",
+    result = _load("pipeline").main(["--images", "20", "--batch", "10", "--repeats", "2",
                                      "--no-write"])
     assert result["cli_s"] > 0 and result["hand_s"] > 0
     assert result["ratio"] == pytest.approx(result["cli_s"] / result["hand_s"])
