@@ -35,6 +35,7 @@ __all__ = [
     "GELUSine",
     "SwishBeta",
     "activation_derivative",
+    "activation_value_and_derivative",
     "available_activations",
     "get_activation",
     "has_parameters",
@@ -135,16 +136,57 @@ def _leaky_slope(module: nn.Module) -> float:
     return float(getattr(module, "negative_slope", 0.01))
 
 
-# Closed-form derivatives of the hot candidates; everything else is differentiated by autograd.
+def _leaky_derivative(module: nn.Module, x: Tensor) -> Tensor:
+    return torch.where(x > 0, torch.ones_like(x), torch.full_like(x, _leaky_slope(module)))
+
+
+def _sigmoid_pair(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    value = torch.sigmoid(x)
+    return value, value * (1 - value)
+
+
+def _tanh_pair(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    value = torch.tanh(x)
+    return value, 1 - value.square()
+
+
+# Closed forms (value, derivative) of the hot candidates, each from one evaluation; everything
+# else is differentiated by autograd.
+_PAIRS: dict[type, Callable[[nn.Module, Tensor], tuple[Tensor, Tensor]]] = {
+    nn.ReLU: lambda m, x: (torch.relu(x), (x > 0).to(x.dtype)),
+    nn.Sigmoid: _sigmoid_pair,
+    nn.Tanh: _tanh_pair,
+    nn.LeakyReLU: lambda m, x: (F.leaky_relu(x, _leaky_slope(m)), _leaky_derivative(m, x)),
+    nn.Identity: lambda m, x: (x.clone(), torch.ones_like(x)),
+}
+
+
+# Derivatives that need no evaluation of the activation itself.
 _DERIVATIVES: dict[type, Callable[[nn.Module, Tensor], Tensor]] = {
     nn.ReLU: lambda m, x: (x > 0).to(x.dtype),
-    nn.Sigmoid: lambda m, x: torch.sigmoid(x) * (1 - torch.sigmoid(x)),
-    nn.Tanh: lambda m, x: 1 - torch.tanh(x).square(),
-    nn.LeakyReLU: lambda m, x: torch.where(
-        x > 0, torch.ones_like(x), torch.full_like(x, _leaky_slope(m))
-    ),
+    nn.LeakyReLU: lambda m, x: _leaky_derivative(m, x),
     nn.Identity: lambda m, x: torch.ones_like(x),
 }
+
+
+def activation_value_and_derivative(module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(σ(x), σ'(x))`` as new tensors (safe to modify in place), with no graph kept.
+
+    Args:
+        module: An element-wise activation module.
+        x: Input.
+    """
+    pair = _PAIRS.get(type(module))
+    if pair is not None:
+        return pair(module, x)
+    with torch.enable_grad():
+        xg = x.detach().requires_grad_(True)
+        y = module(xg)
+        (grad,) = torch.autograd.grad(y, xg, torch.ones_like(y))
+    value = y.detach()
+    if value.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        value = value.clone()  # a pass-through activation: never hand out the input itself
+    return value, grad
 
 
 def activation_derivative(module: nn.Module, x: Tensor) -> Tensor:
@@ -157,14 +199,10 @@ def activation_derivative(module: nn.Module, x: Tensor) -> Tensor:
     Returns:
         A tensor shaped like ``x``.
     """
-    closed_form = _DERIVATIVES.get(type(module))
-    if closed_form is not None:
-        return closed_form(module, x)
-    with torch.enable_grad():
-        xg = x.detach().requires_grad_(True)
-        y = module(xg)
-        (grad,) = torch.autograd.grad(y, xg, torch.ones_like(y))
-    return grad
+    derivative_only = _DERIVATIVES.get(type(module))
+    if derivative_only is not None:
+        return derivative_only(module, x)
+    return activation_value_and_derivative(module, x)[1]
 
 
 def _per_unit(param: Tensor, x: Tensor) -> Tensor:

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from flexact.activations import (
     PAPER_CANDIDATES,
     activation_derivative,
+    activation_value_and_derivative,
     check_activation_name,
     get_activation,
     has_parameters,
@@ -81,19 +82,18 @@ class _FusedMixture(torch.autograd.Function):
         x = x.to(ctx.input_dtype)
         candidates, channel_dim = ctx.candidates, ctx.channel_dim
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_x = grad_w = None
-        if need_x:
-            slope = activation_derivative(candidates[0], x) * _column(weights, 0, x, channel_dim)
-            for j in range(1, len(candidates)):
-                d = activation_derivative(candidates[j], x)
-                slope.add_(d * _column(weights, j, x, channel_dim))
-            grad_x = grad_out * slope
-        if need_w:
-            with torch.no_grad():
-                columns = [
-                    _reduce_to_weight(grad_out * act(x), channel_dim) for act in candidates
-                ]
-            grad_w = torch.stack(columns, dim=-1).to(weights.dtype)
+        slope: Tensor | None = None
+        columns = []
+        # One evaluation per candidate serves both gradients (σ' from σ for sigmoid and tanh).
+        for j, act in enumerate(candidates):
+            value, derivative = activation_value_and_derivative(act, x)
+            if need_x:
+                term = derivative.mul_(_column(weights, j, x, channel_dim))
+                slope = term if slope is None else slope.add_(term)
+            if need_w:
+                columns.append(_reduce_to_weight(value.mul_(grad_out), channel_dim))
+        grad_x = grad_out * slope if need_x and slope is not None else None
+        grad_w = torch.stack(columns, dim=-1).to(weights.dtype) if need_w else None
         return grad_x, grad_w, None, None, None
 
 

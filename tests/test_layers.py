@@ -784,3 +784,21 @@ def test_readme_plain_pytorch_example_picks_tanh(capsys: pytest.CaptureFixture[s
     torch.manual_seed(0)
     exec(compile(code, "README.md", "exec"), {})
     assert capsys.readouterr().out.startswith("['tanh']")
+
+
+def test_pass_through_user_candidate_does_not_corrupt_the_saved_input() -> None:
+    from flexact import register_activation
+    from flexact.activations import _REGISTRY
+
+    @register_activation("test_passthrough")
+    class PassThrough(nn.Module):
+        def forward(self, x: Tensor) -> Tensor:
+            return x
+
+    try:
+        x = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+        w = torch.tensor([0.3, 0.7], dtype=torch.float64, requires_grad=True)
+        cands = [PassThrough(), nn.Tanh()]
+        assert torch.autograd.gradcheck(lambda a, b: mixture(a, b, cands), (x, w))
+    finally:
+        _REGISTRY.pop("test_passthrough")
