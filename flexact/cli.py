@@ -101,6 +101,11 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "description": "flexact: train networks that pick their activation functions.",
+                "epilog": "Other commands: `flexact plot HISTORY.csv` (selection plots), "
+                          "`flexact export CHECKPOINT` (frozen TorchScript/ONNX); add --help.",
+            },
             args=args,
             auto_configure_optimizers=False,
         )
@@ -138,4 +143,4 @@ def main(args: list[str] | None = None) -> None:
         module_name, function = EXTRA_COMMANDS[argv[0]].split(":")
         getattr(importlib.import_module(module_name), function)(argv[1:])
         return
-    build_cli(argv)
+    build_cli(args)  # None lets LightningCLI read sys.argv itself

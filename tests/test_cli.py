@@ -155,3 +155,12 @@ def test_quick_start_recovers_each_truth(truth: str, tmp_path: Path) -> None:
     pick = json.loads(path.read_text())["head.flexact"]["pick"]
     allowed = {"relu", "leaky_relu"} if truth in {"relu", "leaky_relu"} else {truth}
     assert pick in allowed
+
+
+def test_root_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "flexact plot", "flexact export"):
+        assert command in out
