@@ -44,13 +44,15 @@ def _autocast(device: torch.device) -> object:
     return nullcontext()
 
 
-def classifier_step(model: nn.Module, x: Tensor, y: Tensor, alpha: float) -> Step:
+def classifier_step(model: nn.Module, x: Tensor, y: Tensor, alpha: float,
+                    compile_model: bool = False) -> Step:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     uses_flexact = any(isinstance(m, FlexAct) for m in model.modules())
+    forward = torch.compile(model) if compile_model else model
 
     def step() -> None:
         with _autocast(x.device):
-            loss = F.cross_entropy(model(x), y)
+            loss = F.cross_entropy(forward(x), y)
             if uses_flexact and alpha > 0:
                 loss = loss + alpha * selection_kl(model)
         optimizer.zero_grad(set_to_none=True)
@@ -60,10 +62,12 @@ def classifier_step(model: nn.Module, x: Tensor, y: Tensor, alpha: float) -> Ste
     return step
 
 
-def layer_step(layer: nn.Module, x: Tensor) -> Step:
+def layer_step(layer: nn.Module, x: Tensor, compile_model: bool = False) -> Step:
+    forward = torch.compile(layer) if compile_model else layer
+
     def step() -> None:
         with _autocast(x.device):
-            out = layer(x)
+            out = forward(x)
         out.sum().backward()
 
     return step
@@ -109,7 +113,8 @@ def compare(name: str, base: tuple[Step, Callable[[], Tensor]],
             "flexact_mb": memory[1] / 2**20, "memory_ratio": memory[1] / memory[0]}
 
 
-def run(batch: int, repeats: int, steps: int, device: torch.device) -> list[dict]:
+def run(batch: int, repeats: int, steps: int, device: torch.device,
+        compile_model: bool = False) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -123,22 +128,23 @@ def run(batch: int, repeats: int, steps: int, device: torch.device) -> list[dict
     plain, flex = head_model(False), head_model(True)
     rows.append(compare(
         "ResNet18: plain head vs FlexAct head",
-        (classifier_step(plain, x, y, 0.3), lambda: plain(x)),
-        (classifier_step(flex, x, y, 0.3), lambda: flex(x)), device, repeats, steps))
+        (classifier_step(plain, x, y, 0.3, compile_model), lambda: plain(x)),
+        (classifier_step(flex, x, y, 0.3, compile_model), lambda: flex(x)), device, repeats, steps))
 
     relu_net = nn.Sequential(cifar_resnet18(activation="relu"), nn.Linear(512, 10)).to(device)
     flex_net = nn.Sequential(cifar_resnet18(activation="flexact"), nn.Linear(512, 10)).to(device)
     rows.append(compare(
         "ResNet18: ReLU everywhere vs FlexAct everywhere",
-        (classifier_step(relu_net, x, y, 0.3), lambda: relu_net(x)),
-        (classifier_step(flex_net, x, y, 0.3), lambda: flex_net(x)), device, repeats, steps))
+        (classifier_step(relu_net, x, y, 0.3, compile_model), lambda: relu_net(x)),
+        (classifier_step(flex_net, x, y, 0.3, compile_model), lambda: flex_net(x)),
+        device, repeats, steps))
 
     big = torch.randn(batch * 4, 64, 32, 32, device=device, requires_grad=True)
     relu, layer = nn.ReLU(), FlexAct().to(device)
     rows.append(compare(
         f"layer alone on {tuple(big.shape)}: nn.ReLU vs FlexAct",
-        (layer_step(relu, big), lambda: relu(big)),
-        (layer_step(layer, big), lambda: layer(big)), device, repeats, steps))
+        (layer_step(relu, big, compile_model), lambda: relu(big)),
+        (layer_step(layer, big, compile_model), lambda: layer(big)), device, repeats, steps))
     return rows
 
 
@@ -158,19 +164,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="batch size (default: 16 on the CPU, 128 on a GPU)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
     parser.add_argument("--steps", type=int, default=3, help="steps per timing repeat")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both sides of every comparison (inductor)")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch or (128 if device.type == "cuda" else 16)
     start = time.perf_counter()
-    rows = run(batch, args.repeats, args.steps, device)
+    rows = run(batch, args.repeats, args.steps, device, args.compile)
     text = table(rows)
     print(text)
     if not args.no_write:
         memory = ("peak torch.cuda.max_memory_allocated, bf16 autocast" if device.type == "cuda"
                   else "bytes saved for backward, float32")
+        mode = "-compiled" if args.compile else ""
         write_section(
-            f"overhead-{device.type}", f"FlexAct overhead ({device.type}, batch {batch})",
+            f"overhead-{device.type}{mode}",
+            f"FlexAct overhead ({device.type}, batch {batch}{', torch.compile' if mode else ''})",
             "python " + " ".join(["benchmarks/overhead.py", *sys.argv[1:]]),
             time.perf_counter() - start,
             f"Medians of {args.repeats} interleaved repeats of {args.steps} steps; memory: "
