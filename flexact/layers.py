@@ -223,6 +223,8 @@ class FlexAct(nn.Module):
         self.compact_memory = bool(compact_memory)
         # Committed: the pick is final; train and eval both apply exactly the picked activation.
         self.committed = False
+        self._committed_picks: Tensor | None = None
+        self._committed_index: int | None = None  # per-layer pick as a Python int
         shape = (len(names),) if self.num_channels is None else (self.num_channels, len(names))
         self.logits = nn.Parameter(_prior_logits(prior, len(names)).expand(shape).clone())
         self.register_buffer("temperature", torch.tensor(_check_tau(tau)))
@@ -316,10 +318,26 @@ class FlexAct(nn.Module):
         save_dtype = torch.bfloat16 if self.compact_memory else None
         return mixture(x, weights, self.candidates, channel_dim, save_dtype)
 
+    def picks(self) -> Tensor:
+        """Index of the picked candidate: a 0-d tensor, or ``(C,)`` per channel.
+
+        Fixed at :meth:`commit`, so committed training steps never read the logits back.
+        """
+        if self._committed_picks is not None:
+            return self._committed_picks
+        return self.logits.detach().argmax(dim=-1)
+
+    @property
+    def committed_index(self) -> int | None:
+        """The committed pick of a per-layer FlexAct as an int (``None`` if not committed)."""
+        return self._committed_index
+
     def _apply_pick(self, x: Tensor, channel_dim: int | None) -> Tensor:
-        picks = self.logits.detach().argmax(dim=-1)
         if channel_dim is None:
-            return self.candidates[int(picks)](x)
+            if self._committed_index is None:
+                return self.candidates[int(self.picks())](x)  # eval: one host sync
+            return self.candidates[self._committed_index](x)
+        picks = self.picks()
         shape = [1] * x.dim()
         shape[channel_dim] = -1
         picks = picks.reshape(shape)
@@ -381,8 +399,13 @@ class FlexAct(nn.Module):
         ``commit(False)`` resumes selection.
         """
         self.committed = bool(committed)
+        self._committed_picks = self._committed_index = None
         if self.committed:
             self._targets = None
+            # The logits get no gradient from here on: read the pick once, not every step.
+            self._committed_picks = self.logits.detach().argmax(dim=-1)
+            if self.num_channels is None:
+                self._committed_index = int(self._committed_picks)
 
     def kl_divergence(self) -> Tensor:
         """``KL(p̃ ‖ p)`` between the last measured pseudo-probabilities and ``softmax(logits)``.

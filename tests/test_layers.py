@@ -802,3 +802,22 @@ def test_pass_through_user_candidate_does_not_corrupt_the_saved_input() -> None:
         assert torch.autograd.gradcheck(lambda a, b: mixture(a, b, cands), (x, w))
     finally:
         _REGISTRY.pop("test_passthrough")
+
+
+def test_commit_fixes_the_pick_without_reading_logits_each_step() -> None:
+    layer = FlexAct(candidates=["relu", "tanh"])
+    _set_logits(layer, [0.0, 1.0])
+    layer.train()
+    layer.commit()
+    assert layer.committed_index == 1
+    x = torch.randn(5, 3)
+    _set_logits(layer, [5.0, 0.0])  # logits no longer train once committed: the pick is kept
+    assert torch.equal(layer(x), torch.tanh(x))
+    layer.commit()  # committing again reads the current logits
+    assert layer.committed_index == 0 and torch.equal(layer(x), torch.relu(x))
+    layer.commit(False)
+    assert layer.committed_index is None
+    channel = FlexAct(candidates=["relu", "tanh"], granularity="channel", num_channels=3)
+    _set_logits(channel, [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
+    channel.commit()
+    assert channel.committed_index is None and channel.picks().tolist() == [1, 0, 1]

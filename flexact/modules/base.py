@@ -322,7 +322,7 @@ class FlexActModule(L.LightningModule):
                 continue
             unused.append(layer.logits)
             if layer.num_channels is None:  # per channel, every candidate is evaluated
-                pick = int(layer.logits.detach().argmax())
+                pick = layer.committed_index
                 for j, candidate in enumerate(layer.candidates):
                     if j != pick:
                         unused.extend(candidate.parameters())
