@@ -181,7 +181,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
         write_section(
             f"overhead-{device.type}{mode}",
             f"FlexAct overhead ({device.type}, batch {batch}{', torch.compile' if mode else ''})",
-            "python " + " ".join(["benchmarks/overhead.py", *sys.argv[1:]]),
             time.perf_counter() - start,
             f"Medians of {args.repeats} interleaved repeats of {args.steps} steps; memory: "
             f"{memory}. Goals (issue 8): head ≤ 1.03× time; FlexAct everywhere ≤ 1.35× time and "

@@ -132,7 +132,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         device = "gpu" if gpu else "cpu"
         write_section(
             f"pipeline-{device}", f"`flexact fit` epoch vs a hand-written loop ({device})",
-            "python " + " ".join(["benchmarks/pipeline.py", *sys.argv[1:]]),
             time.perf_counter() - start,
             f"Medians of {args.repeats} interleaved epochs (start-up excluded); configs/"
             f"resnet18.yaml on CIFAR-format data written for the run. Goal (issue 8): ≤ 1.10×."

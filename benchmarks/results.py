@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -21,16 +22,21 @@ def machine() -> str:
             f"Date: {datetime.date.today().isoformat()}.")
 
 
-def write_section(key: str, title: str, command: str, seconds: float, body: str) -> None:
+def command_line() -> str:
+    """The command that is running, as a user would type it from the repository root."""
+    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
+def write_section(key: str, title: str, seconds: float, body: str) -> None:
     """Replace the section between ``<!-- key:start -->`` and ``<!-- key:end -->``, or append it.
 
     Args:
         key: Marker name of the section.
         title: Its heading.
-        command: The command that produced it.
         seconds: Wall time of the run.
         body: Markdown after the machine line.
     """
+    command = command_line()
     existing = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     section = (f"<!-- {key}:start -->\n## {title}\n\n{machine()} Command: `{command}`. "
                f"Wall time: {seconds:.0f} s.\n\n{body}\n<!-- {key}:end -->\n")

@@ -185,8 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"total {seconds:.0f} s")
     if not args.no_write:
         write_section(
-            "table1", "Table 1: synthetic recovery (METHOD.md §3.1)",
-            "python " + " ".join(["benchmarks/table1.py", *sys.argv[1:]]), seconds,
+            "table1", "Table 1: synthetic recovery (METHOD.md §3.1)", seconds,
             "Cells: mean ± std of test MSE over seeds (the paper's mean in parentheses); FlexAct "
             "is evaluated in eval mode, i.e. with exactly its picked activation.\n\n" + text,
         )

@@ -134,8 +134,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     print(f"total {seconds:.0f} s")
     if not args.no_write:
         write_section(
-            "teacher", "Teacher networks: fixed, adaptive and FlexAct students",
-            "python " + " ".join(["benchmarks/teacher.py", *sys.argv[1:]]), seconds,
+            "teacher", "Teacher networks: fixed, adaptive and FlexAct students", seconds,
             "Test accuracy in % (mean ± std over seeds); 8 000 train / 1 000 val / 2 000 test "
             "examples, Adam lr 0.01, batch 128, τ annealed 1 → 0.2 per step.\n\n" + text,
         )

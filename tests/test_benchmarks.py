@@ -56,3 +56,18 @@ def test_pipeline_benchmark_smoke() -> None:
                                      "--no-write"])
     assert result["cli_s"] > 0 and result["hand_s"] > 0
     assert result["ratio"] == pytest.approx(result["cli_s"] / result["hand_s"])
+
+
+def test_results_sections_are_replaced_not_duplicated(tmp_path: object,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    results = _load("results")
+    path = tmp_path / "RESULTS.md"  # type: ignore[operator]
+    path.write_text("# Benchmark results\n\nhand-written notes\n")
+    monkeypatch.setattr(results, "RESULTS", path)
+    monkeypatch.setattr(sys, "argv", ["/somewhere/benchmarks/demo.py", "--seeds", "2"])
+    results.write_section("demo", "Demo", 3.0, "first")
+    results.write_section("demo", "Demo", 4.0, "second")
+    text = path.read_text()
+    assert text.count("<!-- demo:start -->") == 1 and "second" in text and "first" not in text
+    assert "hand-written notes" in text
+    assert "Command: `python benchmarks/demo.py --seeds 2`" in text and "Wall time: 4 s" in text
