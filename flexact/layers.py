@@ -21,6 +21,7 @@ from flexact.activations import (
     has_parameters,
 )
 from flexact.errors import ConfigError
+from flexact.kernels import closed_form_mixture
 
 __all__ = ["FlexAct", "FlexActHead", "flexact_layers", "mixture", "selection_kl"]
 
@@ -106,8 +107,10 @@ def mixture(
 ) -> Tensor:
     """Convex combination ``Σⱼ wⱼ σⱼ(x)`` of candidate activations.
 
-    Parameter-free candidates go through a memory-saving custom autograd function; candidates
-    with their own parameters take the general autograd path.
+    Built-in candidates (ReLU, LeakyReLU, Identity, Sigmoid, Tanh) take a closed form that
+    evaluates each shared basis function once (:mod:`flexact.kernels`); other parameter-free
+    candidates go through a memory-saving custom autograd function; candidates with their own
+    parameters take the general autograd path.
 
     Args:
         x: Input tensor.
@@ -122,6 +125,9 @@ def mixture(
     """
     if channel_dim is not None:
         channel_dim = channel_dim % x.dim()
+    closed = closed_form_mixture(x, weights, candidates, channel_dim, save_dtype)
+    if closed is not None:
+        return closed[0]
     free = [j for j, act in enumerate(candidates) if not has_parameters(act)]
     learned = [j for j in range(len(candidates)) if j not in free]
     out: Tensor | None = None
@@ -311,11 +317,21 @@ class FlexAct(nn.Module):
                 return self._apply_pick(x, channel_dim)
             return mixture(x, self.probabilities().to(self.logits.dtype), self.candidates,
                            channel_dim)
-        if self.regularize and torch.is_grad_enabled():
-            self._targets = self._pseudo_probabilities(x, input_weight, channel_dim)
+        measure = self.regularize and torch.is_grad_enabled()
         weights = self.sample_weights() if self.mode == "gumbel" else torch.softmax(
             self.logits.to(torch.promote_types(self.logits.dtype, torch.float32)), dim=-1)
         save_dtype = torch.bfloat16 if self.compact_memory else None
+        if input_weight is None:
+            # The closed form measures ḡ from the values its forward computes anyway.
+            closed = closed_form_mixture(x, weights, self.candidates, channel_dim, save_dtype,
+                                         want_norms=measure)
+            if closed is not None:
+                out, norms = closed
+                if norms is not None:
+                    self._targets = self._targets_from_norms(norms, x)
+                return out
+        if measure:
+            self._targets = self._pseudo_probabilities(x, input_weight, channel_dim)
         return mixture(x, weights, self.candidates, channel_dim, save_dtype)
 
     def picks(self) -> Tensor:
@@ -387,7 +403,10 @@ class FlexAct(nn.Module):
     def _pseudo_probabilities(
         self, x: Tensor, input_weight: Tensor | None, channel_dim: int | None
     ) -> Tensor:
-        g = self.gradient_norms(x, input_weight, channel_dim)
+        return self._targets_from_norms(self.gradient_norms(x, input_weight, channel_dim), x)
+
+    def _targets_from_norms(self, g: Tensor, x: Tensor) -> Tensor:
+        """``p̃ = softmax(-ḡ/λ)``, with ḡ averaged over all ranks when ``sync_statistics``."""
         if self.sync_statistics:
             g = _all_ranks_mean(g, x.shape[0] if x.dim() else 1)
         return torch.softmax(-g / self.kl_lambda, dim=-1).to(self.logits.dtype)

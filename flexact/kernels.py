@@ -1,0 +1,311 @@
+"""Closed-form mixtures of the built-in candidates: each basis function evaluated once.
+
+ReLU, LeakyReLU, Identity, Sigmoid and Tanh are all linear combinations of five basis
+functions, ``relu(x)``, ``x``, ``σ(x)``, ``σ(2x)`` and ``1`` (``tanh(x) = 2σ(2x) − 1``,
+``leaky_relu(x) = (1 − s)·relu(x) + s·x``). A mixture ``Σⱼ wⱼ fⱼ(x)`` of such candidates is
+therefore ``Σₖ βₖ bₖ(x)`` with ``β = w·C`` for a fixed coefficient matrix ``C``: every basis
+function is evaluated once, however many candidates share it, and the forward is a handful of
+element-wise passes. Tanh also goes through the sigmoid kernel, several times faster than
+``torch.tanh`` on CPUs. The backward needs only ``x``; the weight gradients are four inner
+products. The regularizer's gradient norms (METHOD.md eq. 1) come out of the same forward from
+the ``σ`` values it has already computed, instead of differentiating every candidate again.
+
+Pure PyTorch; :func:`flexact.layers.mixture` and :class:`flexact.layers.FlexAct` take this path
+whenever every candidate is one of the five built-ins, and the general one otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["BASIS", "basis_row", "closed_form_mixture"]
+
+BASIS: tuple[str, ...] = ("relu", "x", "sigmoid", "sigmoid_2x", "one")
+"""The basis functions, in the column order of the coefficient matrix."""
+
+_RELU, _X, _SIG, _SIG2, _ONE = range(len(BASIS))
+
+# (device, rows) -> (coefficients C (p, 5), squared-norm coefficients Q (4, p)), so that a
+# training step never copies these small constants from the host again.
+_CONSTANTS: dict[tuple[torch.device, tuple[tuple[float, ...], ...]], tuple[Tensor, Tensor]] = {}
+
+
+def basis_row(module: nn.Module) -> tuple[float, float, float, float, float] | None:
+    """The candidate's coefficients over :data:`BASIS`, or ``None`` if it has no closed form.
+
+    Only the exact built-in classes qualify (a subclass may override ``forward``).
+    """
+    kind = type(module)
+    if kind is nn.ReLU:
+        return (1.0, 0.0, 0.0, 0.0, 0.0)
+    if kind is nn.LeakyReLU:
+        slope = float(module.negative_slope)
+        return (1.0 - slope, slope, 0.0, 0.0, 0.0)
+    if kind is nn.Identity:
+        return (0.0, 1.0, 0.0, 0.0, 0.0)
+    if kind is nn.Sigmoid:
+        return (0.0, 0.0, 1.0, 0.0, 0.0)
+    if kind is nn.Tanh:
+        return (0.0, 0.0, 0.0, 2.0, -1.0)
+    return None
+
+
+def basis_rows(candidates: Sequence[nn.Module]) -> tuple[tuple[float, ...], ...] | None:
+    """Coefficient rows of all candidates, or ``None`` if any lacks a closed form."""
+    rows = []
+    for act in candidates:
+        row = basis_row(act)
+        if row is None:
+            return None
+        rows.append(row)
+    return tuple(rows)
+
+
+def _constants(rows: tuple[tuple[float, ...], ...], device: torch.device) -> tuple[Tensor, Tensor]:
+    key = (device, rows)
+    if key not in _CONSTANTS:
+        coefficients = torch.tensor(rows, dtype=torch.float32)
+        # A candidate's squared gradient norm over a group of n elements, from the statistics
+        # [#(x > 0), #(x ≤ 0), Σσ'(x)², Σσ'(2x)²]: each built-in row uses one kind of basis
+        # (piecewise linear, σ(x) or σ(2x)), so no cross terms arise.
+        relu, ident, sig, sig2 = (coefficients[:, k] for k in (_RELU, _X, _SIG, _SIG2))
+        squares = torch.stack([(relu + ident) ** 2, ident**2, sig**2, (2 * sig2) ** 2])
+        _CONSTANTS[key] = (coefficients.to(device), squares.to(device))
+    return _CONSTANTS[key]
+
+
+def _column(beta: Tensor, k: int, x: Tensor, channel_dim: int | None) -> Tensor:
+    """Basis coefficient ``k``, shaped to broadcast against ``x``, in ``x``'s dtype."""
+    column = beta[..., k].to(x.dtype)
+    if channel_dim is None:
+        return column
+    shape = [1] * x.dim()
+    shape[channel_dim] = -1
+    return column.reshape(shape)
+
+
+def _accumulation_dtype(t: Tensor) -> torch.dtype:
+    """float32, or float64 for float64 tensors: reductions never run in half precision."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _mix(weights: Tensor, coefficients: Tensor) -> Tensor:
+    # An element-wise product and sum rather than a matmul, so autocast leaves it in float32.
+    dtype = _accumulation_dtype(weights)
+    return (weights.to(dtype).unsqueeze(-1) * coefficients.to(dtype)).sum(-2)
+
+
+def _group_dims(x: Tensor, channel_dim: int | None) -> tuple[int, ...]:
+    """The dimensions a gradient norm runs over: all but the batch (and channel) dimension."""
+    return tuple(d for d in range(1, x.dim()) if d != channel_dim)
+
+
+def _sum_over(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    # ``sum(dim=())`` would reduce everything; an empty group is the element itself (copied:
+    # ``t`` may be a scratch buffer that is overwritten next).
+    dtype = _accumulation_dtype(t)
+    return t.sum(dim=dims, dtype=dtype) if dims else t.to(dtype, copy=True)
+
+
+def _flat(t: Tensor) -> Tensor | None:
+    """A 1-D view of ``t`` in memory order, or ``None`` if it is neither layout below."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(-1)
+    return None
+
+
+def _inner(a: Tensor, b: Tensor, channel_dim: int | None) -> Tensor:
+    """``Σ a·b`` (at least float32), per channel when ``channel_dim`` is set."""
+    dtype = _accumulation_dtype(a)
+    if channel_dim is None:
+        if a.dtype == b.dtype == dtype and a.stride() == b.stride():
+            fa, fb = _flat(a), _flat(b)
+            if fa is not None and fb is not None:
+                return torch.dot(fa, fb)  # one pass, nothing allocated
+        return torch.mul(a, b).sum(dtype=dtype)
+    dims = tuple(d for d in range(a.dim()) if d != channel_dim)
+    return torch.mul(a, b).sum(dim=dims, dtype=dtype)
+
+
+def _sigmoid_into(buf: Tensor, x: Tensor, scale: float) -> Tensor:
+    """``σ(scale·x)`` written into ``buf`` (no new tensor)."""
+    if scale == 1.0:
+        return torch.sigmoid(x, out=buf)
+    return torch.mul(x, scale, out=buf).sigmoid_()
+
+
+def _sum_sq(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """``Σ t²`` over ``dims`` in float32 (one pass, nothing allocated)."""
+    if not dims:
+        return t.to(_accumulation_dtype(t)).square()
+    return torch.linalg.vector_norm(t, 2, dim=dims, dtype=_accumulation_dtype(t)).square()
+
+
+# The smooth bases: (column, scale a) for σ(a·x).
+_SMOOTH = ((_SIG, 1.0), (_SIG2, 2.0))
+
+
+class _ClosedFormMixture(torch.autograd.Function):
+    """``Σₖ βₖ bₖ(x)`` with ``β = w·C``; saves ``x`` (optionally bf16) and the small tensors.
+
+    Large tensors are few on purpose: on CPUs every fresh activation-sized tensor costs page
+    faults comparable to a pass over it, so the forward allocates two (the output and one
+    scratch buffer that holds each basis in turn) and the backward two.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weights: Tensor,
+        coefficients: Tensor,
+        squares: Tensor,
+        used: tuple[bool, ...],
+        channel_dim: int | None,
+        save_dtype: torch.dtype | None,
+        want_norms: bool,
+    ) -> tuple[Tensor, Tensor]:
+        beta = _mix(weights, coefficients)
+        ctx.used, ctx.channel_dim, ctx.input_dtype = used, channel_dim, x.dtype
+        compact = save_dtype is not None and save_dtype != x.dtype
+        ctx.save_for_backward(x.to(save_dtype) if compact else x, weights, coefficients, beta)
+
+        def col(k: int) -> Tensor:
+            return _column(beta, k, x, channel_dim)
+
+        dims = _group_dims(x, channel_dim)
+        # Statistics per group: [#(x > 0), #(x ≤ 0), Σσ'(x)², Σσ'(2x)²] (see _constants).
+        stats: list[Tensor | None] = [None, None, None, None]
+        out = torch.mul(x, col(_X)) if used[_X] else None
+        buf: Tensor | None = None
+        if used[_RELU]:
+            buf = torch.relu(x)
+            out = buf * col(_RELU) if out is None else out.addcmul_(buf, col(_RELU))
+            if want_norms:
+                stats[0] = _sum_over(buf.sign_(), dims)
+        for k, scale in _SMOOTH:
+            if not used[k]:
+                continue
+            buf = _sigmoid_into(torch.empty_like(x) if buf is None else buf, x, scale)
+            out = buf * col(k) if out is None else out.addcmul_(buf, col(k))
+            if want_norms:  # σ' = σ − σ², in place
+                stats[k] = _sum_sq(buf.addcmul_(buf, buf, value=-1), dims)
+        if out is None:  # only the constant basis
+            out = torch.zeros_like(x)
+        if used[_ONE]:
+            out.add_(col(_ONE))
+
+        norms = x.new_zeros(0, dtype=_accumulation_dtype(x))
+        if want_norms:
+            norms = _gradient_norms(x, stats, squares, dims, channel_dim)
+        ctx.mark_non_differentiable(norms)
+        return out, norms
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: Tensor, _grad_norms: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, weights, coefficients, beta = ctx.saved_tensors
+        x = x.to(ctx.input_dtype)
+        used, channel_dim = ctx.used, ctx.channel_dim
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+
+        def col(k: int) -> Tensor:
+            return _column(beta, k, x, channel_dim)
+
+        parts: list[Tensor | None] = [None] * len(BASIS)  # Σ grad·bₖ(x), the gradient of βₖ
+        grad_x: Tensor | None = None
+        if used[_RELU]:
+            # grad·relu'(x) with ReLU's own backward kernel; Σ grad·relu(x) = Σ that·x.
+            grad_x = torch.ops.aten.threshold_backward(grad_out, x, 0)
+            parts[_RELU] = _inner(grad_x, x, channel_dim)
+            grad_x.mul_(col(_RELU))
+        if used[_X]:
+            parts[_X] = _inner(grad_out, x, channel_dim)
+            grad_x = grad_out * col(_X) if grad_x is None else grad_x.addcmul_(grad_out, col(_X))
+        if used[_ONE] and need_w:
+            parts[_ONE] = _sum_over(grad_out, tuple(d for d in range(x.dim()) if d != channel_dim))
+        buf: Tensor | None = None
+        for k, scale in _SMOOTH:
+            if not used[k]:
+                continue
+            buf = _sigmoid_into(torch.empty_like(x) if buf is None else buf, x, scale)
+            parts[k] = _inner(grad_out, buf, channel_dim)
+            if need_x:  # d/dx σ(a·x) = a·σ'(a·x), σ' = σ − σ²
+                buf.addcmul_(buf, buf, value=-1).mul_(scale * col(k))
+                grad_x = buf * grad_out if grad_x is None else grad_x.addcmul_(buf, grad_out)
+        if need_x and grad_x is None:  # only the constant basis: no dependence on x
+            grad_x = torch.zeros_like(grad_out)
+
+        grad_w = None
+        if need_w:
+            zero = beta.new_zeros(beta.shape[:-1])
+            grad_beta = torch.stack([zero if p is None else p for p in parts], dim=-1)
+            grad_w = (grad_beta.unsqueeze(-2) * coefficients.to(grad_beta.dtype)).sum(-1)
+            grad_w = grad_w.to(weights.dtype)
+        return (grad_x if need_x else None), grad_w, None, None, None, None, None, None
+
+
+def _gradient_norms(
+    x: Tensor,
+    stats: list[Tensor | None],
+    squares: Tensor,
+    dims: tuple[int, ...],
+    channel_dim: int | None,
+) -> Tensor:
+    """Batch-mean gradient norm of every candidate from the per-group statistics."""
+    size = 1
+    for d in dims:
+        size *= x.shape[d]
+    dtype = _accumulation_dtype(x)
+    zero = torch.zeros((), dtype=dtype, device=x.device)
+    positive = stats[0]
+    table = [zero, torch.full((), float(size), dtype=dtype, device=x.device)]
+    if positive is not None:
+        table = [positive, size - positive]
+    table += [zero if s is None else s for s in stats[2:]]
+    # One group per sample (and channel); constants such as Identity's are broadcast to it.
+    shape = (x.shape[0],) if channel_dim is None else (x.shape[0], x.shape[channel_dim])
+    stacked = torch.stack([t.expand(shape) for t in table], dim=-1)  # (B[, C], 4)
+    # Element-wise product and sum, not a matmul: autocast must not round it to bf16.
+    squared = (stacked.unsqueeze(-1) * squares.to(dtype)).sum(-2)
+    return squared.clamp_min_(0).sqrt_().mean(0)
+
+
+def closed_form_mixture(
+    x: Tensor,
+    weights: Tensor,
+    candidates: Sequence[nn.Module],
+    channel_dim: int | None = None,
+    save_dtype: torch.dtype | None = None,
+    want_norms: bool = False,
+) -> tuple[Tensor, Tensor | None] | None:
+    """The mixture ``Σⱼ wⱼ fⱼ(x)`` through the closed form, or ``None`` if a candidate lacks one.
+
+    Args:
+        x: Input.
+        weights: ``(p,)`` mixture weights, or ``(C, p)`` per channel along ``channel_dim``.
+        candidates: The ``p`` candidate modules.
+        channel_dim: Non-negative channel dimension of ``x`` for per-channel weights.
+        save_dtype: Keep ``x`` for backward in this dtype.
+        want_norms: Also return the batch-mean gradient norm ḡ of every candidate w.r.t. ``x``
+            (``(p,)``, or ``(C, p)`` per channel); needs a batch dimension (``x.dim() ≥ 2``).
+
+    Returns:
+        ``(output, ḡ or None)``, or ``None`` when the general path must be taken.
+    """
+    rows = basis_rows(candidates)
+    if rows is None or (want_norms and x.dim() < 2):
+        return None
+    coefficients, squares = _constants(rows, x.device)
+    used = tuple(any(row[k] != 0.0 for row in rows) for k in range(len(BASIS)))
+    out, norms = _ClosedFormMixture.apply(
+        x, weights, coefficients, squares, used, channel_dim, save_dtype, want_norms
+    )
+    return out, (norms if want_norms else None)

@@ -1,0 +1,155 @@
+"""The closed-form mixture (flexact.kernels) against the general path it replaces."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from flexact import FlexAct, kernels
+from flexact.kernels import BASIS, basis_row, closed_form_mixture
+
+CASES = [
+    pytest.param("layer", (4, 6, 5, 5), 1, id="layer_4d"),
+    pytest.param("channel", (4, 6, 5, 5), 1, id="channel_4d"),
+    pytest.param("channel", (4, 7, 6), -1, id="channel_last_dim_3d"),
+    pytest.param("channel", (5, 6), 1, id="channel_2d"),
+    pytest.param("layer", (5, 6), 1, id="layer_2d"),
+]
+
+
+def _step(layer: FlexAct, x: Tensor, seed: int = 1) -> dict[str, object]:
+    """One training forward + backward with fixed noise and a fixed upstream gradient."""
+    torch.manual_seed(seed)
+    x = x.detach().clone().requires_grad_(True)
+    out = layer(x)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    (out * grad.to(out.dtype)).sum().backward()
+    result = {"out": out.detach(), "grad_x": x.grad, "grad_logits": layer.logits.grad.clone(),
+              "targets": layer._targets, "path": type(out.grad_fn).__name__}
+    layer.logits.grad = None
+    return result
+
+
+def _layer(granularity: str, channel_dim: int, channels: int = 6, **kwargs: object) -> FlexAct:
+    torch.manual_seed(0)
+    layer = FlexAct(granularity=granularity,  # type: ignore[arg-type]
+                    num_channels=channels if granularity == "channel" else None,
+                    channel_dim=channel_dim, kl_lambda=0.3, **kwargs)  # type: ignore[arg-type]
+    with torch.no_grad():
+        layer.logits.normal_()
+    return layer
+
+
+def _compare(fast: dict[str, object], slow: dict[str, object], atol: float = 1e-6) -> None:
+    assert "ClosedForm" in str(fast["path"]) and "ClosedForm" not in str(slow["path"])
+    for key in ("out", "grad_x", "grad_logits", "targets"):
+        # The logits' gradient sums over every element, in another order: a looser atol.
+        tol = 10 * atol if key == "grad_logits" else atol
+        torch.testing.assert_close(fast[key], slow[key], rtol=1e-5, atol=tol, msg=key)
+
+
+@pytest.mark.parametrize(("granularity", "shape", "channel_dim"), CASES)
+def test_matches_the_general_path(granularity: str, shape: tuple[int, ...], channel_dim: int,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = _layer(granularity, channel_dim, channels=shape[channel_dim])
+    x = 2 * torch.randn(shape, generator=torch.Generator().manual_seed(5))
+    fast = _step(layer, x)
+    monkeypatch.setattr(kernels, "basis_rows", lambda candidates: None)
+    _compare(fast, _step(layer, x))
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("relu",), ("identity",), ("sigmoid",), ("tanh",), ("leaky_relu",), ("relu", "identity"),
+     ("sigmoid", "tanh"), ("tanh", "leaky_relu", "sigmoid")],
+)
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_candidate_subsets_match(names: Sequence[str], granularity: str,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    kwargs = {"candidate_kwargs": {"leaky_relu": {"negative_slope": 0.2}}} if (
+        "leaky_relu" in names) else {}
+    layer = _layer(granularity, 1, candidates=names, **kwargs)
+    x = 2 * torch.randn(3, 6, 4, 4, generator=torch.Generator().manual_seed(7))
+    fast = _step(layer, x)
+    monkeypatch.setattr(kernels, "basis_rows", lambda candidates: None)
+    _compare(fast, _step(layer, x))
+
+
+@pytest.mark.parametrize("variant", ["channels_last", "compact_memory", "blend", "hard"])
+def test_layouts_and_options_match(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    kwargs: dict[str, object] = {
+        "compact_memory": {"compact_memory": True}, "blend": {"mode": "blend"},
+        "hard": {"hard": True}}.get(variant, {})
+    layer = _layer("layer", 1, **kwargs)
+    x = 2 * torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(9))
+    if variant == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    fast = _step(layer, x)
+    if variant == "channels_last":
+        assert fast["out"].is_contiguous(memory_format=torch.channels_last)  # type: ignore[union-attr]
+    monkeypatch.setattr(kernels, "basis_rows", lambda candidates: None)
+    _compare(fast, _step(layer, x))
+
+
+def test_bfloat16_input_matches_the_general_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    layer = _layer("channel", 1)
+    x = (2 * torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(11))).bfloat16()
+    fast = _step(layer, x)
+    assert fast["out"].dtype == torch.bfloat16  # type: ignore[union-attr]
+    monkeypatch.setattr(kernels, "basis_rows", lambda candidates: None)
+    slow = _step(layer, x)
+    # Two different bf16 evaluation orders: a few bf16 ulps apart; ḡ is accumulated in float32.
+    for key, atol in (("out", 0.02), ("grad_x", 0.05), ("grad_logits", 0.5), ("targets", 1e-3)):
+        torch.testing.assert_close(fast[key].float(), slow[key].float(),  # type: ignore[union-attr]
+                                   rtol=0.02, atol=atol, msg=key)
+
+
+def test_gradient_norms_equal_the_layers_own_measurement() -> None:
+    layer = _layer("channel", 1)
+    x = 3 * torch.randn(8, 6, 4, 4, generator=torch.Generator().manual_seed(2))
+    weights = torch.softmax(torch.randn(6, 5), dim=-1)
+    result = closed_form_mixture(x, weights, layer.candidates, 1, want_norms=True)
+    assert result is not None and result[1] is not None
+    torch.testing.assert_close(result[1], layer.gradient_norms(x, channel_dim=1))
+    # Identity's gradient norm per (sample, channel) is sqrt(16): a value known in advance.
+    assert torch.allclose(result[1][:, 4], torch.full((6,), 4.0))
+
+
+def test_only_exact_builtin_classes_have_a_closed_form() -> None:
+    class MyReLU(nn.ReLU):
+        def forward(self, x: Tensor) -> Tensor:
+            return torch.relu(x) * 2
+
+    assert basis_row(nn.ReLU()) == (1.0, 0.0, 0.0, 0.0, 0.0)
+    assert basis_row(nn.LeakyReLU(0.25)) == (0.75, 0.25, 0.0, 0.0, 0.0)
+    assert basis_row(MyReLU()) is None and basis_row(nn.GELU()) is None
+    x = torch.randn(4, 3)
+    assert closed_form_mixture(x, torch.ones(1), [MyReLU()]) is None
+    out, _ = closed_form_mixture(x, torch.ones(1), [nn.ReLU()])  # type: ignore[misc]
+    assert torch.equal(out, torch.relu(x))
+
+
+def test_basis_rows_reproduce_the_candidates() -> None:
+    """Every row, applied to the basis functions, is its candidate (the closed form's premise)."""
+    x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    basis = torch.stack([torch.relu(x), x, torch.sigmoid(x), torch.sigmoid(2 * x),
+                         torch.ones_like(x)])
+    assert basis.shape[0] == len(BASIS)
+    for act in (nn.ReLU(), nn.LeakyReLU(0.1), nn.Identity(), nn.Sigmoid(), nn.Tanh()):
+        row = torch.tensor(basis_row(act), dtype=torch.float64)
+        torch.testing.assert_close(row @ basis, act(x), rtol=0, atol=1e-12)
+
+
+def test_compiles_without_graph_breaks() -> None:
+    layer = _layer("channel", 1)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 6, 3, 3, requires_grad=True)
+    torch.manual_seed(4)
+    out = compiled(x)
+    out.sum().backward()
+    torch.manual_seed(4)
+    torch.testing.assert_close(out, layer(x))
+    assert x.grad is not None and layer.logits.grad is not None
