@@ -22,7 +22,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BASIS", "basis_row", "closed_form_mixture"]
+__all__ = [
+    "BASIS",
+    "basis_row",
+    "basis_rows",
+    "batchnorm_mixture",
+    "closed_form_mixture",
+    "fusable_batchnorm",
+]
 
 BASIS: tuple[str, ...] = ("relu", "x", "sigmoid", "sigmoid_2x", "one")
 """The basis functions, in the column order of the coefficient matrix."""
@@ -151,13 +158,101 @@ def _sum_sq(t: Tensor, dims: tuple[int, ...]) -> Tensor:
 _SMOOTH = ((_SIG, 1.0), (_SIG2, 2.0))
 
 
-class _ClosedFormMixture(torch.autograd.Function):
-    """``Σₖ βₖ bₖ(x)`` with ``β = w·C``; saves ``x`` (optionally bf16) and the small tensors.
+def _mixture_forward(
+    x: Tensor,
+    beta: Tensor,
+    squares: Tensor,
+    used: tuple[bool, ...],
+    channel_dim: int | None,
+    want_norms: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(Σₖ βₖ bₖ(x), ḡ)``; ḡ is an empty tensor unless ``want_norms``.
 
     Large tensors are few on purpose: on CPUs every fresh activation-sized tensor costs page
-    faults comparable to a pass over it, so the forward allocates two (the output and one
-    scratch buffer that holds each basis in turn) and the backward two.
+    faults comparable to a pass over it, so this allocates two (the output and one scratch
+    buffer that holds each basis in turn).
     """
+
+    def col(k: int) -> Tensor:
+        return _column(beta, k, x, channel_dim)
+
+    dims = _group_dims(x, channel_dim)
+    # Statistics per group: [#(x > 0), #(x ≤ 0), Σσ'(x)², Σσ'(2x)²] (see _constants).
+    stats: list[Tensor | None] = [None, None, None, None]
+    out = torch.mul(x, col(_X)) if used[_X] else None
+    buf: Tensor | None = None
+    if used[_RELU]:
+        buf = torch.relu(x)
+        out = buf * col(_RELU) if out is None else out.addcmul_(buf, col(_RELU))
+        if want_norms:
+            stats[0] = _sum_over(buf.sign_(), dims)
+    for k, scale in _SMOOTH:
+        if not used[k]:
+            continue
+        buf = _sigmoid_into(torch.empty_like(x) if buf is None else buf, x, scale)
+        out = buf * col(k) if out is None else out.addcmul_(buf, col(k))
+        if want_norms:  # σ' = σ − σ², in place
+            stats[k] = _sum_sq(buf.addcmul_(buf, buf, value=-1), dims)
+    if out is None:  # only the constant basis
+        out = torch.zeros_like(x)
+    if used[_ONE]:
+        out.add_(col(_ONE))
+    norms = x.new_zeros(0, dtype=_accumulation_dtype(x))
+    if want_norms:
+        norms = _gradient_norms(x, stats, squares, dims, channel_dim)
+    return out, norms
+
+
+def _mixture_backward(
+    x: Tensor,
+    grad_out: Tensor,
+    beta: Tensor,
+    weights: Tensor,
+    coefficients: Tensor,
+    used: tuple[bool, ...],
+    channel_dim: int | None,
+    need_w: bool,
+) -> tuple[Tensor, Tensor | None]:
+    """``(∂L/∂x, ∂L/∂w)`` of the mixture from ``∂L/∂out`` (two activation-sized allocations)."""
+
+    def col(k: int) -> Tensor:
+        return _column(beta, k, x, channel_dim)
+
+    parts: list[Tensor | None] = [None] * len(BASIS)  # Σ grad·bₖ(x), the gradient of βₖ
+    grad_x: Tensor | None = None
+    if used[_RELU]:
+        # grad·relu'(x) with ReLU's own backward kernel; Σ grad·relu(x) = Σ that·x.
+        grad_x = torch.ops.aten.threshold_backward(grad_out, x, 0)
+        parts[_RELU] = _inner(grad_x, x, channel_dim)
+        grad_x.mul_(col(_RELU))
+    if used[_X]:
+        parts[_X] = _inner(grad_out, x, channel_dim)
+        grad_x = grad_out * col(_X) if grad_x is None else grad_x.addcmul_(grad_out, col(_X))
+    if used[_ONE] and need_w:
+        parts[_ONE] = _sum_over(grad_out, tuple(d for d in range(x.dim()) if d != channel_dim))
+    buf: Tensor | None = None
+    for k, scale in _SMOOTH:
+        if not used[k]:
+            continue
+        buf = _sigmoid_into(torch.empty_like(x) if buf is None else buf, x, scale)
+        parts[k] = _inner(grad_out, buf, channel_dim)
+        # d/dx σ(a·x) = a·σ'(a·x), σ' = σ − σ²
+        buf.addcmul_(buf, buf, value=-1).mul_(scale * col(k))
+        grad_x = buf * grad_out if grad_x is None else grad_x.addcmul_(buf, grad_out)
+    if grad_x is None:  # only the constant basis: no dependence on x
+        grad_x = torch.zeros_like(grad_out)
+
+    grad_w = None
+    if need_w:
+        zero = beta.new_zeros(beta.shape[:-1])
+        grad_beta = torch.stack([zero if p is None else p for p in parts], dim=-1)
+        grad_w = (grad_beta.unsqueeze(-2) * coefficients.to(grad_beta.dtype)).sum(-1)
+        grad_w = grad_w.to(weights.dtype)
+    return grad_x, grad_w
+
+
+class _ClosedFormMixture(torch.autograd.Function):
+    """``Σₖ βₖ bₖ(x)`` with ``β = w·C``; saves ``x`` (optionally bf16) and the small tensors."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -175,35 +270,7 @@ class _ClosedFormMixture(torch.autograd.Function):
         ctx.used, ctx.channel_dim, ctx.input_dtype = used, channel_dim, x.dtype
         compact = save_dtype is not None and save_dtype != x.dtype
         ctx.save_for_backward(x.to(save_dtype) if compact else x, weights, coefficients, beta)
-
-        def col(k: int) -> Tensor:
-            return _column(beta, k, x, channel_dim)
-
-        dims = _group_dims(x, channel_dim)
-        # Statistics per group: [#(x > 0), #(x ≤ 0), Σσ'(x)², Σσ'(2x)²] (see _constants).
-        stats: list[Tensor | None] = [None, None, None, None]
-        out = torch.mul(x, col(_X)) if used[_X] else None
-        buf: Tensor | None = None
-        if used[_RELU]:
-            buf = torch.relu(x)
-            out = buf * col(_RELU) if out is None else out.addcmul_(buf, col(_RELU))
-            if want_norms:
-                stats[0] = _sum_over(buf.sign_(), dims)
-        for k, scale in _SMOOTH:
-            if not used[k]:
-                continue
-            buf = _sigmoid_into(torch.empty_like(x) if buf is None else buf, x, scale)
-            out = buf * col(k) if out is None else out.addcmul_(buf, col(k))
-            if want_norms:  # σ' = σ − σ², in place
-                stats[k] = _sum_sq(buf.addcmul_(buf, buf, value=-1), dims)
-        if out is None:  # only the constant basis
-            out = torch.zeros_like(x)
-        if used[_ONE]:
-            out.add_(col(_ONE))
-
-        norms = x.new_zeros(0, dtype=_accumulation_dtype(x))
-        if want_norms:
-            norms = _gradient_norms(x, stats, squares, dims, channel_dim)
+        out, norms = _mixture_forward(x, beta, squares, used, channel_dim, want_norms)
         ctx.mark_non_differentiable(norms)
         return out, norms
 
@@ -212,44 +279,104 @@ class _ClosedFormMixture(torch.autograd.Function):
         ctx: Any, grad_out: Tensor, _grad_norms: Tensor
     ) -> tuple[Tensor | None, ...]:
         x, weights, coefficients, beta = ctx.saved_tensors
-        x = x.to(ctx.input_dtype)
-        used, channel_dim = ctx.used, ctx.channel_dim
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_x, grad_w = _mixture_backward(
+            x.to(ctx.input_dtype), grad_out, beta, weights, coefficients, ctx.used,
+            ctx.channel_dim, ctx.needs_input_grad[1])
+        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, *([None] * 6)
 
-        def col(k: int) -> Tensor:
-            return _column(beta, k, x, channel_dim)
 
-        parts: list[Tensor | None] = [None] * len(BASIS)  # Σ grad·bₖ(x), the gradient of βₖ
-        grad_x: Tensor | None = None
-        if used[_RELU]:
-            # grad·relu'(x) with ReLU's own backward kernel; Σ grad·relu(x) = Σ that·x.
-            grad_x = torch.ops.aten.threshold_backward(grad_out, x, 0)
-            parts[_RELU] = _inner(grad_x, x, channel_dim)
-            grad_x.mul_(col(_RELU))
-        if used[_X]:
-            parts[_X] = _inner(grad_out, x, channel_dim)
-            grad_x = grad_out * col(_X) if grad_x is None else grad_x.addcmul_(grad_out, col(_X))
-        if used[_ONE] and need_w:
-            parts[_ONE] = _sum_over(grad_out, tuple(d for d in range(x.dim()) if d != channel_dim))
-        buf: Tensor | None = None
-        for k, scale in _SMOOTH:
-            if not used[k]:
-                continue
-            buf = _sigmoid_into(torch.empty_like(x) if buf is None else buf, x, scale)
-            parts[k] = _inner(grad_out, buf, channel_dim)
-            if need_x:  # d/dx σ(a·x) = a·σ'(a·x), σ' = σ − σ²
-                buf.addcmul_(buf, buf, value=-1).mul_(scale * col(k))
-                grad_x = buf * grad_out if grad_x is None else grad_x.addcmul_(buf, grad_out)
-        if need_x and grad_x is None:  # only the constant basis: no dependence on x
-            grad_x = torch.zeros_like(grad_out)
+def _affine(z: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None) -> Tensor:
+    """``scale·z + shift (+ residual)`` with per-channel ``scale``/``shift`` along dim 1."""
+    shape = [1] * z.dim()
+    shape[1] = -1
+    x = torch.addcmul(shift.to(z.dtype).reshape(shape), z, scale.to(z.dtype).reshape(shape))
+    return x if residual is None else x.add_(residual)
 
-        grad_w = None
-        if need_w:
-            zero = beta.new_zeros(beta.shape[:-1])
-            grad_beta = torch.stack([zero if p is None else p for p in parts], dim=-1)
-            grad_w = (grad_beta.unsqueeze(-2) * coefficients.to(grad_beta.dtype)).sum(-1)
-            grad_w = grad_w.to(weights.dtype)
-        return (grad_x if need_x else None), grad_w, None, None, None, None, None, None
+
+class _BatchNormMixture(torch.autograd.Function):
+    """``mixture(batch_norm(z) + residual)`` in training, keeping only ``z`` and ``residual``.
+
+    Both are kept alive for backward anyway (``z`` by the batch norm, ``residual`` by the
+    convolution that reads the block input), so unlike a separate FlexAct, which must keep its
+    input, this stores no activation-sized tensor of its own: the normalized input is
+    recomputed in backward, one pass. The batch-norm backward is the closed form
+    ``∂z = a·(g − mean(g) − x̂·mean(g·x̂))`` with ``a = γ/√(var + ε)``. The forward is the
+    batch norm's own kernel (statistics, output and running statistics in one call).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        z: Tensor,
+        gamma: Tensor | None,
+        shift: Tensor | None,
+        residual: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+        weights: Tensor,
+        coefficients: Tensor,
+        squares: Tensor,
+        used: tuple[bool, ...],
+        channel_dim: int | None,
+        want_norms: bool,
+    ) -> tuple[Tensor, Tensor]:
+        # The batch norm's own kernel: statistics, output and running statistics in one call.
+        x, mean, invstd = torch.native_batch_norm(
+            z, gamma, shift, running_mean, running_var, True, momentum, eps)
+        if residual is not None:
+            x.add_(residual)
+        beta = _mix(weights, coefficients)
+        out, norms = _mixture_forward(x, beta, squares, used, channel_dim, want_norms)
+        del x
+        scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
+        bias = -mean * scale if shift is None else shift.to(invstd.dtype) - mean * scale
+        ctx.used, ctx.channel_dim = used, channel_dim
+        ctx.gamma_dtype = None if gamma is None else gamma.dtype
+        ctx.shift_dtype = None if shift is None else shift.dtype
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(z, residual, weights, coefficients, beta, scale, bias, mean,
+                              invstd)
+        ctx.mark_non_differentiable(norms)
+        return out, norms
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: Any, grad_out: Tensor, *_unused: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        z, residual, weights, coefficients, beta, scale, bias, mean, invstd = ctx.saved_tensors
+        x = _affine(z, scale, bias, residual)
+        grad_x, grad_w = _mixture_backward(x, grad_out, beta, weights, coefficients, ctx.used,
+                                           ctx.channel_dim, ctx.needs_input_grad[8])
+        del x
+        dims = tuple(d for d in range(z.dim()) if d != 1)
+        count = z.numel() // z.shape[1]
+        sum_g = _sum_over(grad_x, dims)
+        sum_gx_hat = invstd * (_inner(grad_x, z, 1) - mean * sum_g)  # Σ g·x̂ = ∂L/∂γ
+        shape = [1] * z.dim()
+        shape[1] = -1
+        # ∂z = a·g − (a/N)·Σg − (a·invstd/N)·Σ(g·x̂)·(z − μ), as a·g + c·(z − μ) + d per channel
+        c = -scale * invstd * sum_gx_hat / count
+        d = -scale * sum_g / count
+        grad_residual = grad_x if ctx.has_residual and ctx.needs_input_grad[3] else None
+        grad_z = None
+        if ctx.needs_input_grad[0]:
+            a = scale.to(z.dtype).reshape(shape)
+            grad_z = grad_x * a if grad_residual is not None else grad_x.mul_(a)
+            if z.dtype == _accumulation_dtype(z):  # float32/64: fold μ into the constant term
+                grad_z.addcmul_(z, c.to(z.dtype).reshape(shape)).add_(
+                    (d - c * mean).to(z.dtype).reshape(shape))
+            else:  # half precision: centre first, the folded form would cancel
+                grad_z.addcmul_(z - mean.to(z.dtype).reshape(shape), c.to(z.dtype).reshape(shape))
+                grad_z.add_(d.to(z.dtype).reshape(shape))
+        grad_gamma = grad_shift = None
+        if ctx.gamma_dtype is not None and ctx.needs_input_grad[1]:
+            grad_gamma = sum_gx_hat.to(ctx.gamma_dtype)
+        if ctx.shift_dtype is not None and ctx.needs_input_grad[2]:
+            grad_shift = sum_g.to(ctx.shift_dtype)
+        return (grad_z, grad_gamma, grad_shift, grad_residual, None, None, None, None, grad_w,
+                *([None] * 5))
 
 
 def _gradient_norms(
@@ -308,4 +435,60 @@ def closed_form_mixture(
     out, norms = _ClosedFormMixture.apply(
         x, weights, coefficients, squares, used, channel_dim, save_dtype, want_norms
     )
+    return out, (norms if want_norms else None)
+
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def fusable_batchnorm(z: Tensor, norm: nn.Module, channel_dim: int | None) -> bool:
+    """Whether :func:`batchnorm_mixture` applies to this input and norm (for built-ins)."""
+    return (type(norm) in _BATCH_NORMS and norm.training and z.dim() >= 2
+            and channel_dim in (None, 1)
+            # One value per channel: leave it to nn.BatchNorm, whose error message is clear.
+            and z.numel() > z.shape[1])
+
+
+def batchnorm_mixture(
+    z: Tensor,
+    norm: nn.Module,
+    residual: Tensor | None,
+    weights: Tensor,
+    candidates: Sequence[nn.Module],
+    channel_dim: int | None = None,
+    want_norms: bool = False,
+) -> tuple[Tensor, Tensor | None] | None:
+    """``mixture(norm(z) + residual)`` for a batch norm in training, without keeping its output.
+
+    Updates ``norm``'s running statistics as ``norm(z)`` would.
+
+    Args:
+        z: Input of the batch norm, channels in dimension 1.
+        norm: An ``nn.BatchNorm1d/2d/3d`` in training mode (exactly those classes).
+        residual: Added after the batch norm (a residual connection), or ``None``.
+        weights: Mixture weights, ``(p,)`` or ``(C, p)`` for channels along dimension 1.
+        candidates: The candidate modules.
+        channel_dim: 1 for per-channel weights, ``None`` for one weight vector.
+        want_norms: Also return the candidates' batch-mean gradient norms ḡ.
+
+    Returns:
+        ``(output, ḡ or None)``, or ``None`` if this path does not apply (another norm class,
+        eval mode, candidates without a closed form, per-channel weights along another
+        dimension): then apply the modules one after the other.
+    """
+    rows = basis_rows(candidates)
+    if rows is None or not fusable_batchnorm(z, norm, channel_dim):
+        return None
+    assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
+    coefficients, squares = _constants(rows, z.device)
+    used = tuple(any(row[k] != 0.0 for row in rows) for k in range(len(BASIS)))
+    # Running statistics exactly as nn.BatchNorm's forward updates them.
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    out, norms = _BatchNormMixture.apply(
+        z, norm.weight, norm.bias, residual, norm.running_mean, norm.running_var, momentum,
+        norm.eps, weights, coefficients, squares, used, channel_dim, want_norms)
     return out, (norms if want_norms else None)

@@ -21,7 +21,12 @@ from flexact.activations import (
     has_parameters,
 )
 from flexact.errors import ConfigError
-from flexact.kernels import closed_form_mixture
+from flexact.kernels import (
+    basis_rows,
+    batchnorm_mixture,
+    closed_form_mixture,
+    fusable_batchnorm,
+)
 
 __all__ = ["FlexAct", "FlexActHead", "flexact_layers", "mixture", "selection_kl"]
 
@@ -297,19 +302,7 @@ class FlexAct(nn.Module):
         Returns:
             The activated tensor, shaped like ``x``.
         """
-        channel_dim = None
-        if self.num_channels is not None:
-            if x.dim() < 2 or not -x.dim() <= self.channel_dim < x.dim():
-                raise ValueError(
-                    f"FlexAct channel_dim={self.channel_dim} is not a non-batch dimension of the "
-                    f"input of shape {tuple(x.shape)}"
-                )
-            channel_dim = self.channel_dim % x.dim()
-        if channel_dim is not None and x.shape[channel_dim] != self.num_channels:
-            raise ValueError(
-                f"FlexAct expected {self.num_channels} channels in dim {self.channel_dim}, "
-                f"got input of shape {tuple(x.shape)}"
-            )
+        channel_dim = self._channel_dim(x)
         if self.committed:
             return self._apply_pick(x, channel_dim)
         if not self.training:
@@ -318,8 +311,7 @@ class FlexAct(nn.Module):
             return mixture(x, self.probabilities().to(self.logits.dtype), self.candidates,
                            channel_dim)
         measure = self.regularize and torch.is_grad_enabled()
-        weights = self.sample_weights() if self.mode == "gumbel" else torch.softmax(
-            self.logits.to(torch.promote_types(self.logits.dtype, torch.float32)), dim=-1)
+        weights = self._training_weights()
         save_dtype = torch.bfloat16 if self.compact_memory else None
         if input_weight is None:
             # The closed form measures ḡ from the values its forward computes anyway.
@@ -333,6 +325,62 @@ class FlexAct(nn.Module):
         if measure:
             self._targets = self._pseudo_probabilities(x, input_weight, channel_dim)
         return mixture(x, weights, self.candidates, channel_dim, save_dtype)
+
+    def _channel_dim(self, x: Tensor) -> int | None:
+        """The input's channel dimension (non-negative) for per-channel layers, else ``None``."""
+        if self.num_channels is None:
+            return None
+        if x.dim() < 2 or not -x.dim() <= self.channel_dim < x.dim():
+            raise ValueError(
+                f"FlexAct channel_dim={self.channel_dim} is not a non-batch dimension of the "
+                f"input of shape {tuple(x.shape)}"
+            )
+        channel_dim = self.channel_dim % x.dim()
+        if x.shape[channel_dim] != self.num_channels:
+            raise ValueError(
+                f"FlexAct expected {self.num_channels} channels in dim {self.channel_dim}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        return channel_dim
+
+    def forward_batchnorm(self, z: Tensor, norm: nn.Module,
+                          residual: Tensor | None = None) -> Tensor:
+        """``self(norm(z) + residual)``, fused in training so that ``norm(z)`` is never stored.
+
+        A FlexAct layer must keep its input for backward, one activation-sized tensor more than
+        a ReLU network stores. After a batch norm that input can be recomputed from the batch
+        norm's own input instead (:func:`flexact.kernels.batchnorm_mixture`): memory as with a
+        ReLU, exact gradients, the same running statistics. Falls back to the modules one after
+        the other wherever that does not apply (eval, committed, other norms or candidates).
+
+        Args:
+            z: Input of ``norm`` (channels in dimension 1).
+            norm: The batch norm in front of this layer.
+            residual: A tensor added to ``norm(z)`` before the activation (residual blocks).
+
+        Returns:
+            The activated tensor.
+        """
+        channel_dim = self._channel_dim(z)
+        if (self.training and not self.committed and basis_rows(self.candidates) is not None
+                and fusable_batchnorm(z, norm, channel_dim)):
+            measure = self.regularize and torch.is_grad_enabled()
+            fused = batchnorm_mixture(z, norm, residual, self._training_weights(),
+                                      self.candidates, channel_dim, measure)
+            if fused is not None:
+                out, norms = fused
+                if norms is not None:
+                    self._targets = self._targets_from_norms(norms, z)
+                return out
+        x = norm(z)
+        return self(x if residual is None else x + residual)
+
+    def _training_weights(self) -> Tensor:
+        """The mixture weights of a training forward: a Gumbel-Softmax sample or the blend."""
+        if self.mode == "gumbel":
+            return self.sample_weights()
+        return torch.softmax(
+            self.logits.to(torch.promote_types(self.logits.dtype, torch.float32)), dim=-1)
 
     def picks(self) -> Tensor:
         """Index of the picked candidate: a 0-d tensor, or ``(C,)`` per channel.

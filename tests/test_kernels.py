@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import pytest
@@ -153,3 +154,129 @@ def test_compiles_without_graph_breaks() -> None:
     torch.manual_seed(4)
     torch.testing.assert_close(out, layer(x))
     assert x.grad is not None and layer.logits.grad is not None
+
+
+# --------------------------------------------------------------------------------------------
+# Batch norm + FlexAct in one step (FlexAct.forward_batchnorm)
+# --------------------------------------------------------------------------------------------
+
+
+class _NormAct(nn.Module):
+    def __init__(self, norm: nn.Module, act: FlexAct, fused: bool) -> None:
+        super().__init__()
+        self.norm, self.act, self.fused = norm, act, fused
+
+    def forward(self, z: Tensor, residual: Tensor | None = None) -> Tensor:
+        if self.fused:
+            return self.act.forward_batchnorm(z, self.norm, residual)
+        x = self.norm(z)
+        return self.act(x if residual is None else x + residual)
+
+
+def _norm_pair(norm: nn.Module, act: FlexAct) -> tuple[_NormAct, _NormAct]:
+    with torch.no_grad():
+        if getattr(norm, "weight", None) is not None:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.normal_()
+    return _NormAct(norm, act, True), _NormAct(copy.deepcopy(norm), copy.deepcopy(act), False)
+
+
+def _norm_step(model: _NormAct, z: Tensor, residual: Tensor | None) -> dict[str, object]:
+    torch.manual_seed(3)
+    z = z.detach().clone().requires_grad_(True)
+    res = None if residual is None else residual.detach().clone().requires_grad_(True)
+    out = model(z, res)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(4))).sum().backward()
+    grads = {f"grad_{k}": v.grad.clone() for k, v in model.named_parameters()
+             if v.grad is not None}
+    model.zero_grad()
+    return {"out": out.detach(), "grad_z": z.grad, "grad_residual": None if res is None
+            else res.grad, "targets": model.act._targets, "path": type(out.grad_fn).__name__,
+            **grads, **{k: v.clone() for k, v in model.norm.named_buffers()}}
+
+
+NORM_CASES = [
+    pytest.param("layer", nn.BatchNorm2d(6), (4, 6, 5, 5), False, False, id="2d"),
+    pytest.param("channel", nn.BatchNorm2d(6), (4, 6, 5, 5), True, False, id="2d_residual"),
+    pytest.param("layer", nn.BatchNorm2d(6), (4, 6, 5, 5), True, True, id="channels_last"),
+    pytest.param("channel", nn.BatchNorm1d(6), (8, 6), False, False, id="1d_features"),
+    pytest.param("layer", nn.BatchNorm1d(6, momentum=None), (4, 6, 7), True, False,
+                 id="1d_cumulative_average"),
+    pytest.param("layer", nn.BatchNorm2d(6, affine=False), (4, 6, 3, 3), False, False,
+                 id="no_affine"),
+    pytest.param("channel", nn.BatchNorm2d(6, track_running_stats=False), (4, 6, 3, 3), True,
+                 False, id="no_running_stats"),
+]
+
+
+@pytest.mark.parametrize(("granularity", "norm", "shape", "residual", "channels_last"),
+                         NORM_CASES)
+def test_forward_batchnorm_matches_norm_then_layer(
+    granularity: str, norm: nn.Module, shape: tuple[int, ...], residual: bool,
+    channels_last: bool,
+) -> None:
+    fused, plain = _norm_pair(norm, _layer(granularity, 1))
+    gen = torch.Generator().manual_seed(6)
+    z = 3 * torch.randn(shape, generator=gen) + 1
+    res = torch.randn(shape, generator=gen) if residual else None
+    if channels_last:
+        z = z.contiguous(memory_format=torch.channels_last)
+        res = None if res is None else res.contiguous(memory_format=torch.channels_last)
+    for step in range(2):  # twice: the running statistics must also agree after an update
+        a, b = _norm_step(fused, z, res), _norm_step(plain, z, res)
+        assert a["path"] == "_BatchNormMixtureBackward" and a["path"] != b["path"]
+        assert set(a) == set(b)
+        for key in a:
+            if key != "path" and a[key] is not None:
+                torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5,
+                                           msg=f"{key} (step {step})")
+    fused.eval(), plain.eval()
+    torch.testing.assert_close(fused(z, res), plain(z, res))  # eval: running statistics
+
+
+def test_forward_batchnorm_gradcheck() -> None:
+    act = FlexAct(granularity="channel", num_channels=3, mode="blend").double()
+    model = _NormAct(nn.BatchNorm2d(3).double(), act, fused=True)
+    z = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    res = torch.randn(3, 3, 2, 2, dtype=torch.float64, requires_grad=True)
+    params = dict(model.named_parameters())
+    keys = list(params)
+
+    def fn(zz: Tensor, rr: Tensor, *values: Tensor) -> Tensor:
+        return torch.func.functional_call(model, dict(zip(keys, values, strict=True)), (zz, rr))
+
+    values = [v.detach().clone().requires_grad_(True) for v in params.values()]
+    assert type(fn(z, res, *values).grad_fn).__name__ == "_BatchNormMixtureBackward"
+    assert torch.autograd.gradcheck(fn, (z, res, *values))
+
+
+@pytest.mark.parametrize("case", ["eval", "committed", "group_norm", "no_closed_form"])
+def test_forward_batchnorm_falls_back_where_it_does_not_apply(case: str) -> None:
+    candidates = ("relu", "gelu") if case == "no_closed_form" else ("relu", "tanh")
+    norm: nn.Module = nn.GroupNorm(2, 6) if case == "group_norm" else nn.BatchNorm2d(6)
+    fused, plain = _norm_pair(norm, _layer("layer", 1, candidates=candidates))
+    if case == "eval":
+        fused.eval(), plain.eval()
+    if case == "committed":
+        fused.act.commit(), plain.act.commit()
+    z = torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(8))
+    a, b = _norm_step(fused, z, None), _norm_step(plain, z, None)
+    assert a["path"] == b["path"] != "_BatchNormMixtureBackward"
+    for key in a:
+        if key != "path" and a[key] is not None:
+            torch.testing.assert_close(a[key], b[key], msg=key)
+
+
+def test_flexact_resnet_stores_about_what_the_relu_resnet_stores() -> None:
+    """Memory goal of issue 8 (≤ 1.15×), deterministic: bytes saved for backward."""
+    from flexact.backbones import cifar_resnet18
+    from flexact.profiling import saved_bytes
+
+    x = torch.randn(2, 3, 32, 32)
+    relu_net, flex_net = cifar_resnet18(activation="relu"), cifar_resnet18(activation="flexact")
+    for autocast in (False, True):  # float32, and bf16 as with bf16-mixed on a GPU
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            relu_bytes = saved_bytes(lambda: relu_net(x))
+            flex_bytes = saved_bytes(lambda: flex_net(x))
+        assert flex_bytes <= 1.05 * relu_bytes, (autocast, flex_bytes / relu_bytes)
+        assert flex_bytes > relu_bytes  # FlexAct does keep a little more (downsample outputs)

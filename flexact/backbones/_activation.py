@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from flexact.activations import check_activation_name, get_activation
 from flexact.errors import ConfigError
 from flexact.layers import FlexAct
 
-__all__ = ["FLEXACT_NAMES", "build_activation", "check_backbone_activation"]
+__all__ = ["FLEXACT_NAMES", "build_activation", "check_backbone_activation", "norm_activation"]
 
 FLEXACT_NAMES = ("flexact", "flexact_channel")
 """Names the backbones accept besides the registry: a FlexAct layer at every activation site,
@@ -61,3 +61,16 @@ def build_activation(name: str, num_channels: int | None = None,
         options.update(granularity="channel", num_channels=num_channels, channel_dim=1)
         return FlexAct(**options)
     return get_activation(name, **options)
+
+
+def norm_activation(act: nn.Module, norm: nn.Module, z: Tensor,
+                    residual: Tensor | None = None) -> Tensor:
+    """``act(norm(z) + residual)``.
+
+    A FlexAct site takes its fused path, which stores no copy of ``norm(z) + residual`` for
+    backward (:meth:`FlexAct.forward_batchnorm`).
+    """
+    if isinstance(act, FlexAct):
+        return act.forward_batchnorm(z, norm, residual)
+    x = norm(z)
+    return act(x if residual is None else x + residual)

@@ -5,10 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from flexact.backbones._activation import build_activation, check_backbone_activation
+from flexact.backbones._activation import (
+    build_activation,
+    check_backbone_activation,
+    norm_activation,
+)
 from flexact.errors import ConfigError
 
 __all__ = ["CifarResNet", "cifar_resnet18", "cifar_resnet34"]
@@ -32,9 +37,8 @@ class _Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.downsample is None else self.downsample(x)
-        out = self.act1(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.act2(out + identity)
+        out = norm_activation(self.act1, self.bn1, self.conv1(x))
+        return norm_activation(self.act2, self.bn2, self.conv2(out), identity)
 
 
 class CifarResNet(ResNet):
@@ -80,6 +84,13 @@ class CifarResNet(ResNet):
         self.depth = depth
         self.out_features = 512
         """Size of the feature vector (the model's head reads it)."""
+
+    def _forward_impl(self, x: Tensor) -> Tensor:
+        # torchvision's order, with each batch norm and its activation as one step (FlexAct
+        # sites then keep no copy of their input for backward).
+        x = self.maxpool(norm_activation(self.relu, self.bn1, self.conv1(x)))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def cifar_resnet18(**kwargs: Any) -> CifarResNet:
