@@ -280,3 +280,18 @@ def test_flexact_resnet_stores_about_what_the_relu_resnet_stores() -> None:
             flex_bytes = saved_bytes(lambda: flex_net(x))
         assert flex_bytes <= 1.05 * relu_bytes, (autocast, flex_bytes / relu_bytes)
         assert flex_bytes > relu_bytes  # FlexAct does keep a little more (downsample outputs)
+
+
+def test_forward_batchnorm_compiles_without_graph_breaks() -> None:
+    # The noise-free blend: inductor draws random numbers differently from eager.
+    fused, plain = _norm_pair(nn.BatchNorm2d(6), _layer("channel", 1, mode="blend"))
+    compiled = torch.compile(fused, backend="aot_eager", fullgraph=True)
+    z = torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(2))
+    res = torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(3))
+    out = compiled(z, res)
+    out.sum().backward()
+    expected = plain(z, res)
+    expected.sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(fused.norm.running_var, plain.norm.running_var)
+    torch.testing.assert_close(fused.act.logits.grad, plain.act.logits.grad)
