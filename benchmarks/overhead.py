@@ -11,7 +11,8 @@ the bytes saved for backward (saved-tensor hooks) on the CPU, and
 ``torch.cuda.max_memory_allocated`` on a GPU. On the CPU the batch is small; on a GPU it is 128
 with bf16 autocast, where kernel-launch overhead dominates.
 
-Usage: ``python benchmarks/overhead.py [--batch 16] [--repeats 5] [--steps 3] [--no-write]``
+Usage: ``python benchmarks/overhead.py [--batch 16] [--repeats 5] [--steps 3] [--compile]
+[--bf16] [--no-write]``
 """
 
 from __future__ import annotations
@@ -38,20 +39,20 @@ from results import write_section  # a sibling script, not a package
 Step = Callable[[], None]
 
 
-def _autocast(device: torch.device) -> object:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, bf16: bool) -> object:
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 
 def classifier_step(model: nn.Module, x: Tensor, y: Tensor, alpha: float,
-                    compile_model: bool = False) -> Step:
+                    compile_model: bool = False, bf16: bool = False) -> Step:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     uses_flexact = any(isinstance(m, FlexAct) for m in model.modules())
     forward = torch.compile(model) if compile_model else model
 
     def step() -> None:
-        with _autocast(x.device):
+        with _autocast(x.device, bf16):
             loss = F.cross_entropy(forward(x), y)
             if uses_flexact and alpha > 0:
                 loss = loss + alpha * selection_kl(model)
@@ -62,11 +63,12 @@ def classifier_step(model: nn.Module, x: Tensor, y: Tensor, alpha: float,
     return step
 
 
-def layer_step(layer: nn.Module, x: Tensor, compile_model: bool = False) -> Step:
+def layer_step(layer: nn.Module, x: Tensor, compile_model: bool = False,
+               bf16: bool = False) -> Step:
     forward = torch.compile(layer) if compile_model else layer
 
     def step() -> None:
-        with _autocast(x.device):
+        with _autocast(x.device, bf16):
             out = forward(x)
         out.sum().backward()
 
@@ -94,7 +96,7 @@ def timed(step: Step, steps: int, device: torch.device) -> float:
 
 def compare(name: str, base: tuple[Step, Callable[[], Tensor]],
             other: tuple[Step, Callable[[], Tensor]], device: torch.device, repeats: int,
-            steps: int) -> dict[str, float | str]:
+            steps: int, bf16: bool = False) -> dict[str, float | str]:
     """Interleave the two steps (so machine noise hits both alike) and take medians."""
     for step, _ in (base, other):  # warm-up (allocator, autotuning, lazy init)
         step()
@@ -106,7 +108,8 @@ def compare(name: str, base: tuple[Step, Callable[[], Tensor]],
     if device.type == "cuda":
         memory = [peak_memory(base[0], device), peak_memory(other[0], device)]
     else:
-        memory = [saved_bytes(base[1]), saved_bytes(other[1])]
+        with _autocast(device, bf16):
+            memory = [saved_bytes(base[1]), saved_bytes(other[1])]
     base_t, other_t = statistics.median(times["base"]), statistics.median(times["other"])
     return {"comparison": name, "base_ms": 1e3 * base_t, "flexact_ms": 1e3 * other_t,
             "time_ratio": other_t / base_t, "base_mb": memory[0] / 2**20,
@@ -114,7 +117,7 @@ def compare(name: str, base: tuple[Step, Callable[[], Tensor]],
 
 
 def run(batch: int, repeats: int, steps: int, device: torch.device,
-        compile_model: bool = False) -> list[dict]:
+        compile_model: bool = False, bf16: bool = False) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
@@ -128,23 +131,25 @@ def run(batch: int, repeats: int, steps: int, device: torch.device,
     plain, flex = head_model(False), head_model(True)
     rows.append(compare(
         "ResNet18: plain head vs FlexAct head",
-        (classifier_step(plain, x, y, 0.3, compile_model), lambda: plain(x)),
-        (classifier_step(flex, x, y, 0.3, compile_model), lambda: flex(x)), device, repeats, steps))
+        (classifier_step(plain, x, y, 0.3, compile_model, bf16), lambda: plain(x)),
+        (classifier_step(flex, x, y, 0.3, compile_model, bf16), lambda: flex(x)), device,
+        repeats, steps, bf16))
 
     relu_net = nn.Sequential(cifar_resnet18(activation="relu"), nn.Linear(512, 10)).to(device)
     flex_net = nn.Sequential(cifar_resnet18(activation="flexact"), nn.Linear(512, 10)).to(device)
     rows.append(compare(
         "ResNet18: ReLU everywhere vs FlexAct everywhere",
-        (classifier_step(relu_net, x, y, 0.3, compile_model), lambda: relu_net(x)),
-        (classifier_step(flex_net, x, y, 0.3, compile_model), lambda: flex_net(x)),
-        device, repeats, steps))
+        (classifier_step(relu_net, x, y, 0.3, compile_model, bf16), lambda: relu_net(x)),
+        (classifier_step(flex_net, x, y, 0.3, compile_model, bf16), lambda: flex_net(x)),
+        device, repeats, steps, bf16))
 
     big = torch.randn(batch * 4, 64, 32, 32, device=device, requires_grad=True)
     relu, layer = nn.ReLU(), FlexAct().to(device)
     rows.append(compare(
         f"layer alone on {tuple(big.shape)}: nn.ReLU vs FlexAct",
-        (layer_step(relu, big, compile_model), lambda: relu(big)),
-        (layer_step(layer, big, compile_model), lambda: layer(big)), device, repeats, steps))
+        (layer_step(relu, big, compile_model, bf16), lambda: relu(big)),
+        (layer_step(layer, big, compile_model, bf16), lambda: layer(big)), device, repeats,
+        steps, bf16))
     return rows
 
 
@@ -166,21 +171,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=3, help="steps per timing repeat")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both sides of every comparison (inductor)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="bf16 autocast on the CPU too (on a GPU it is always on): the "
+                             "dtypes, hence the memory, of a bf16-mixed GPU run")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = args.batch or (128 if device.type == "cuda" else 16)
+    bf16 = args.bf16 or device.type == "cuda"
     start = time.perf_counter()
-    rows = run(batch, args.repeats, args.steps, device, args.compile)
+    rows = run(batch, args.repeats, args.steps, device, args.compile, bf16)
     text = table(rows)
     print(text)
     if not args.no_write:
-        memory = ("peak torch.cuda.max_memory_allocated, bf16 autocast" if device.type == "cuda"
-                  else "bytes saved for backward, float32")
-        mode = "-compiled" if args.compile else ""
+        memory = ("peak torch.cuda.max_memory_allocated" if device.type == "cuda"
+                  else "bytes saved for backward") + (", bf16 autocast" if bf16 else ", float32")
+        mode = ("-compiled" if args.compile else "") + ("-bf16" if args.bf16 else "")
+        label = (", torch.compile" if args.compile else "") + (", bf16" if args.bf16 else "")
         write_section(
             f"overhead-{device.type}{mode}",
-            f"FlexAct overhead ({device.type}, batch {batch}{', torch.compile' if mode else ''})",
+            f"FlexAct overhead ({device.type}, batch {batch}{label})",
             time.perf_counter() - start,
             f"Medians of {args.repeats} interleaved repeats of {args.steps} steps; memory: "
             f"{memory}. Goals (issue 8): head ≤ 1.03× time; FlexAct everywhere ≤ 1.35× time and "

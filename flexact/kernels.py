@@ -172,9 +172,10 @@ def _mixture_forward(
     faults comparable to a pass over it, so this allocates two (the output and one scratch
     buffer that holds each basis in turn).
     """
+    beta_x = beta.to(x.dtype)  # cast once: every column below is then a view
 
     def col(k: int) -> Tensor:
-        return _column(beta, k, x, channel_dim)
+        return _column(beta_x, k, x, channel_dim)
 
     dims = _group_dims(x, channel_dim)
     # Statistics per group: [#(x > 0), #(x ≤ 0), Σσ'(x)², Σσ'(2x)²] (see _constants).
@@ -214,9 +215,10 @@ def _mixture_backward(
     need_w: bool,
 ) -> tuple[Tensor, Tensor | None]:
     """``(∂L/∂x, ∂L/∂w)`` of the mixture from ``∂L/∂out`` (two activation-sized allocations)."""
+    beta_x = beta.to(x.dtype)  # cast once: every column below is then a view
 
     def col(k: int) -> Tensor:
-        return _column(beta, k, x, channel_dim)
+        return _column(beta_x, k, x, channel_dim)
 
     parts: list[Tensor | None] = [None] * len(BASIS)  # Σ grad·bₖ(x), the gradient of βₖ
     grad_x: Tensor | None = None

@@ -41,9 +41,10 @@ def test_table1_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert 0 <= stats["correct"]["FlexAct α=0.3"] <= 10
 
 
-def test_overhead_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize("extra", [[], ["--bf16"]], ids=["float32", "bf16"])
+def test_overhead_benchmark_smoke(extra: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     rows = _load("overhead").main(["--batch", "2", "--repeats", "1", "--steps", "1",
-                                   "--no-write"])
+                                   "--no-write", *extra])
     assert [r["comparison"].split(":")[0] for r in rows] == ["ResNet18", "ResNet18",
                                                              "layer alone on (8, 64, 32, 32)"]
     for row in rows:

@@ -242,3 +242,62 @@ def test_regularize_backbone_false_keeps_the_kl_on_the_head() -> None:
     everywhere = FlexActRegressor(backbone=nn.Sequential(nn.Linear(4, 8), nn.ReLU()),
                                   in_features=8, swap_backbone=True)
     assert all(layer.regularize for _, layer in flexact_layers(everywhere))
+
+
+class _HostSyncSpy(L.Callback):
+    """Records every device→host read (``.item()``, ``bool()``, ``float()`` of a tensor) that
+    flexact code makes between the start and the end of each training batch: forward, loss,
+    backward and optimizer step."""
+
+    def __init__(self, probe: bool = False) -> None:
+        self.calls: list[str] = []
+        self.probe = probe
+        self._mode: object | None = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             *args: object) -> None:
+        import traceback
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        package = str(Path(__file__).resolve().parents[1] / "flexact")
+        calls = self.calls
+
+        class Spy(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+                if func is torch.ops.aten._local_scalar_dense.default:
+                    frames = [f for f in traceback.extract_stack()
+                              if f.filename.startswith(package)]
+                    if frames:
+                        calls.append("".join(traceback.format_list(frames)))
+                return func(*args, **(kwargs or {}))
+
+        self._mode = Spy()
+        self._mode.__enter__()  # type: ignore[attr-defined]
+        if self.probe:  # control: a read the spy must catch (the tau property syncs)
+            _ = next(layer for _, layer in flexact_layers(pl_module)).tau
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self._mode.__exit__(None, None, None)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("probe", [False, True], ids=["training", "control"])
+def test_training_step_never_reads_back_from_the_device(probe: bool) -> None:
+    """Issue 8: no ``.item()`` / host synchronisation in the training step (Gumbel noise,
+    regularizer, annealing, the fused batch-norm path), so a GPU never waits on the host."""
+    from flexact.backbones import cifar_resnet18
+
+    torch.manual_seed(0)
+    model = FlexActClassifier(backbone=cifar_resnet18(activation="flexact"), in_features=512,
+                              num_outputs=3, hidden_features=8)
+    data = TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,)))
+    spy = _HostSyncSpy(probe)
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        accelerator="cpu", callbacks=[spy, TemperatureAnnealing()])
+    trainer.fit(model, DataLoader(data, batch_size=4))
+    assert trainer.global_step == 4
+    if probe:
+        assert len(spy.calls) == 4 and "layers.py" in spy.calls[0]
+    else:
+        assert spy.calls == [], spy.calls[0]
