@@ -3,6 +3,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -72,3 +73,30 @@ def test_results_sections_are_replaced_not_duplicated(tmp_path: object,
     assert text.count("<!-- demo:start -->") == 1 and "second" in text and "first" not in text
     assert "hand-written notes" in text
     assert "Command: `python benchmarks/demo.py --seeds 2`" in text and "Wall time: 4 s" in text
+
+
+def test_gpu_checks_script_runs_every_benchmark_and_collects_the_logs(tmp_path: Path) -> None:
+    """The prepared GPU run, with stand-ins for ``python`` and ``nvidia-smi`` (no GPU here)."""
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_python = bin_dir / "python"
+    fake_python.write_text('#!/bin/sh\necho "$@" >> "$OUT/calls.txt"\n'
+                           'echo "| row | for $* |"\n')
+    (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho H200\n")
+    for exe in bin_dir.iterdir():
+        exe.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out)}
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run(["bash", "benchmarks/gpu_checks.sh"], cwd=root, env=env, check=True,
+                   timeout=60)
+    calls = (out / "calls.txt").read_text().splitlines()
+    assert calls == ["-", "benchmarks/overhead.py", "benchmarks/overhead.py --compile",
+                     "benchmarks/pipeline.py"]
+    summary = (out / "summary.txt").read_text()
+    assert summary.count("exit 0") == 3 and "| row | for benchmarks/pipeline.py |" in summary
+    assert (out / "RESULTS.md").read_text() == (root / "benchmarks/RESULTS.md").read_text()
+    assert (out / "nvidia-smi.txt").read_text() == "H200\n"
