@@ -100,6 +100,18 @@ def _accumulation_dtype(t: Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+def _compute_dtype(t: Tensor) -> torch.dtype:
+    """Where to evaluate the mixture: float32 for half-precision tensors on the CPU.
+
+    CPU kernels for bf16/fp16 are slower than float32 ones and their float32 reductions copy
+    the whole input first, so one conversion in and one out is cheaper than a dozen. GPUs keep
+    the input dtype (their reductions accumulate in float32 on the fly).
+    """
+    if t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return t.dtype
+
+
 def _mix(weights: Tensor, coefficients: Tensor) -> Tensor:
     # An element-wise product and sum rather than a matmul, so autocast leaves it in float32.
     dtype = _accumulation_dtype(weights)
@@ -272,19 +284,22 @@ class _ClosedFormMixture(torch.autograd.Function):
         ctx.used, ctx.channel_dim, ctx.input_dtype = used, channel_dim, x.dtype
         compact = save_dtype is not None and save_dtype != x.dtype
         ctx.save_for_backward(x.to(save_dtype) if compact else x, weights, coefficients, beta)
-        out, norms = _mixture_forward(x, beta, squares, used, channel_dim, want_norms)
+        out, norms = _mixture_forward(x.to(_compute_dtype(x)), beta, squares, used, channel_dim,
+                                      want_norms)
         ctx.mark_non_differentiable(norms)
-        return out, norms
+        return out.to(x.dtype), norms
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: Any, grad_out: Tensor, _grad_norms: Tensor
     ) -> tuple[Tensor | None, ...]:
         x, weights, coefficients, beta = ctx.saved_tensors
+        dtype = _compute_dtype(grad_out)
         grad_x, grad_w = _mixture_backward(
-            x.to(ctx.input_dtype), grad_out, beta, weights, coefficients, ctx.used,
+            x.to(dtype), grad_out.to(dtype), beta, weights, coefficients, ctx.used,
             ctx.channel_dim, ctx.needs_input_grad[1])
-        return (grad_x if ctx.needs_input_grad[0] else None), grad_w, *([None] * 6)
+        grad_x = grad_x.to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, grad_w, *([None] * 6)
 
 
 def _affine(z: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None) -> Tensor:
@@ -330,7 +345,9 @@ class _BatchNormMixture(torch.autograd.Function):
         if residual is not None:
             x.add_(residual)
         beta = _mix(weights, coefficients)
-        out, norms = _mixture_forward(x, beta, squares, used, channel_dim, want_norms)
+        out, norms = _mixture_forward(x.to(_compute_dtype(x)), beta, squares, used, channel_dim,
+                                      want_norms)
+        out = out.to(x.dtype)
         del x
         scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
         bias = -mean * scale if shift is None else shift.to(invstd.dtype) - mean * scale
@@ -348,9 +365,12 @@ class _BatchNormMixture(torch.autograd.Function):
         ctx: Any, grad_out: Tensor, *_unused: Tensor
     ) -> tuple[Tensor | None, ...]:
         z, residual, weights, coefficients, beta, scale, bias, mean, invstd = ctx.saved_tensors
+        input_dtype, residual_dtype = z.dtype, None if residual is None else residual.dtype
+        dtype = _compute_dtype(z)
+        z, residual = z.to(dtype), None if residual is None else residual.to(dtype)
         x = _affine(z, scale, bias, residual)
-        grad_x, grad_w = _mixture_backward(x, grad_out, beta, weights, coefficients, ctx.used,
-                                           ctx.channel_dim, ctx.needs_input_grad[8])
+        grad_x, grad_w = _mixture_backward(x, grad_out.to(dtype), beta, weights, coefficients,
+                                           ctx.used, ctx.channel_dim, ctx.needs_input_grad[8])
         del x
         dims = tuple(d for d in range(z.dim()) if d != 1)
         count = z.numel() // z.shape[1]
@@ -361,17 +381,22 @@ class _BatchNormMixture(torch.autograd.Function):
         # ∂z = a·g − (a/N)·Σg − (a·invstd/N)·Σ(g·x̂)·(z − μ), as a·g + c·(z − μ) + d per channel
         c = -scale * invstd * sum_gx_hat / count
         d = -scale * sum_g / count
-        grad_residual = grad_x if ctx.has_residual and ctx.needs_input_grad[3] else None
+        grad_residual = None
+        if ctx.has_residual and ctx.needs_input_grad[3]:
+            grad_residual = grad_x.to(residual_dtype)
         grad_z = None
         if ctx.needs_input_grad[0]:
             a = scale.to(z.dtype).reshape(shape)
-            grad_z = grad_x * a if grad_residual is not None else grad_x.mul_(a)
+            # grad_x is also the residual's gradient unless that was converted to a copy
+            shared = grad_residual is not None and grad_residual.data_ptr() == grad_x.data_ptr()
+            grad_z = grad_x * a if shared else grad_x.mul_(a)
             if z.dtype == _accumulation_dtype(z):  # float32/64: fold μ into the constant term
                 grad_z.addcmul_(z, c.to(z.dtype).reshape(shape)).add_(
                     (d - c * mean).to(z.dtype).reshape(shape))
             else:  # half precision: centre first, the folded form would cancel
                 grad_z.addcmul_(z - mean.to(z.dtype).reshape(shape), c.to(z.dtype).reshape(shape))
                 grad_z.add_(d.to(z.dtype).reshape(shape))
+            grad_z = grad_z.to(input_dtype)
         grad_gamma = grad_shift = None
         if ctx.gamma_dtype is not None and ctx.needs_input_grad[1]:
             grad_gamma = sum_gx_hat.to(ctx.gamma_dtype)
