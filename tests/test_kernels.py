@@ -295,3 +295,21 @@ def test_forward_batchnorm_compiles_without_graph_breaks() -> None:
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(fused.norm.running_var, plain.norm.running_var)
     torch.testing.assert_close(fused.act.logits.grad, plain.act.logits.grad)
+
+
+def test_forward_batchnorm_bfloat16_matches_norm_then_layer() -> None:
+    fused, plain = _norm_pair(nn.BatchNorm2d(6), _layer("channel", 1))
+    gen = torch.Generator().manual_seed(12)
+    z = (3 * torch.randn(4, 6, 5, 5, generator=gen) + 1).bfloat16()
+    res = torch.randn(4, 6, 5, 5, generator=gen).bfloat16()
+    a, b = _norm_step(fused, z, res), _norm_step(plain, z, res)
+    assert a["path"] == "_BatchNormMixtureBackward"
+    for key in ("out", "grad_z", "grad_residual"):
+        assert a[key].dtype == torch.bfloat16, key  # type: ignore[union-attr]
+    # bf16 rounding of intermediate results differs between the two orders of evaluation.
+    for key, atol in (("out", 0.03), ("grad_z", 0.05), ("grad_residual", 0.05),
+                      ("grad_act.logits", 0.5), ("grad_norm.weight", 0.5),
+                      ("grad_norm.bias", 0.5), ("targets", 1e-3), ("running_mean", 1e-3),
+                      ("running_var", 1e-2)):
+        torch.testing.assert_close(a[key].float(), b[key].float(),  # type: ignore[union-attr]
+                                   rtol=0.03, atol=atol, msg=key)
