@@ -94,6 +94,8 @@ def hand_epoch(cli: Any, batch: int, precision: str) -> float:
     for i in range(0, len(labels), batch):
         index = order[i:i + batch]
         x = datamodule.transform_batch(images[index], train=True)
+        if module.hparams.channels_last:  # as the module's forward does
+            x = x.contiguous(memory_format=torch.channels_last)
         with autocast:
             loss = F.cross_entropy(model(x), labels[index]) + alpha * selection_kl(model)
         optimizer.zero_grad(set_to_none=True)
