@@ -9,9 +9,10 @@ Side by side in one process (interleaved repeats, medians), three comparisons:
 A step is forward, loss (plus α·KL for FlexAct models), backward and an SGD update. Memory is
 the bytes saved for backward (saved-tensor hooks) on the CPU, and
 ``torch.cuda.max_memory_allocated`` on a GPU. On the CPU the batch is small; on a GPU it is 128
-with bf16 autocast, where kernel-launch overhead dominates.
+with bf16 autocast, where kernel-launch overhead dominates. The kernels one eager step runs
+(``flexact.profiling.kernel_count``) predict that launch overhead on any device.
 
-Usage: ``python benchmarks/overhead.py [--batch 16] [--repeats 5] [--steps 3] [--compile]
+Usage: ``python benchmarks/overhead.py [--batch 16] [--repeats 10] [--steps 2] [--compile]
 [--bf16] [--no-write]``
 """
 
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 
 from flexact import FlexAct, FlexActHead, selection_kl
 from flexact.backbones import cifar_resnet18
-from flexact.profiling import saved_bytes
+from flexact.profiling import kernel_count, saved_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # a sibling script, not a package
@@ -96,24 +97,34 @@ def timed(step: Step, steps: int, device: torch.device) -> float:
 
 def compare(name: str, base: tuple[Step, Callable[[], Tensor]],
             other: tuple[Step, Callable[[], Tensor]], device: torch.device, repeats: int,
-            steps: int, bf16: bool = False) -> dict[str, float | str]:
-    """Interleave the two steps (so machine noise hits both alike) and take medians."""
+            steps: int, bf16: bool = False, count: bool = True) -> dict[str, float | str]:
+    """Interleave the two steps (so machine noise hits both alike) and take medians.
+
+    The order alternates between repeats: the second of two back-to-back measurements is
+    systematically a little slower or faster here (allocator, caches, clock).
+
+    With ``count``, also the number of kernels one step runs on each side (eager only: a
+    compiled step fuses them).
+    """
     for step, _ in (base, other):  # warm-up (allocator, autotuning, lazy init)
         step()
         step()
     times: dict[str, list[float]] = {"base": [], "other": []}
-    for _ in range(repeats):
-        times["base"].append(timed(base[0], steps, device))
-        times["other"].append(timed(other[0], steps, device))
+    for i in range(repeats):  # ABBA order: neither side always runs second
+        order = (("base", base[0]), ("other", other[0]))
+        for key, step in order if i % 2 == 0 else order[::-1]:
+            times[key].append(timed(step, steps, device))
     if device.type == "cuda":
         memory = [peak_memory(base[0], device), peak_memory(other[0], device)]
     else:
         with _autocast(device, bf16):
             memory = [saved_bytes(base[1]), saved_bytes(other[1])]
+    kernels = [kernel_count(base[0]), kernel_count(other[0])] if count else [0, 0]
     base_t, other_t = statistics.median(times["base"]), statistics.median(times["other"])
     return {"comparison": name, "base_ms": 1e3 * base_t, "flexact_ms": 1e3 * other_t,
             "time_ratio": other_t / base_t, "base_mb": memory[0] / 2**20,
-            "flexact_mb": memory[1] / 2**20, "memory_ratio": memory[1] / memory[0]}
+            "flexact_mb": memory[1] / 2**20, "memory_ratio": memory[1] / memory[0],
+            "base_kernels": kernels[0], "flexact_kernels": kernels[1]}
 
 
 def run(batch: int, repeats: int, steps: int, device: torch.device,
@@ -133,7 +144,7 @@ def run(batch: int, repeats: int, steps: int, device: torch.device,
         "ResNet18: plain head vs FlexAct head",
         (classifier_step(plain, x, y, 0.3, compile_model, bf16), lambda: plain(x)),
         (classifier_step(flex, x, y, 0.3, compile_model, bf16), lambda: flex(x)), device,
-        repeats, steps, bf16))
+        repeats, steps, bf16, not compile_model))
 
     relu_net = nn.Sequential(cifar_resnet18(activation="relu"), nn.Linear(512, 10)).to(device)
     flex_net = nn.Sequential(cifar_resnet18(activation="flexact"), nn.Linear(512, 10)).to(device)
@@ -141,7 +152,7 @@ def run(batch: int, repeats: int, steps: int, device: torch.device,
         "ResNet18: ReLU everywhere vs FlexAct everywhere",
         (classifier_step(relu_net, x, y, 0.3, compile_model, bf16), lambda: relu_net(x)),
         (classifier_step(flex_net, x, y, 0.3, compile_model, bf16), lambda: flex_net(x)),
-        device, repeats, steps, bf16))
+        device, repeats, steps, bf16, not compile_model))
 
     big = torch.randn(batch * 4, 64, 32, 32, device=device, requires_grad=True)
     relu, layer = nn.ReLU(), FlexAct().to(device)
@@ -149,17 +160,20 @@ def run(batch: int, repeats: int, steps: int, device: torch.device,
         f"layer alone on {tuple(big.shape)}: nn.ReLU vs FlexAct",
         (layer_step(relu, big, compile_model, bf16), lambda: relu(big)),
         (layer_step(layer, big, compile_model, bf16), lambda: layer(big)), device, repeats,
-        steps, bf16))
+        steps, bf16, not compile_model))
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| comparison | base ms/step | FlexAct ms/step | time ratio | base MB | FlexAct MB "
-             "| memory ratio |", "|---|---|---|---|---|---|---|"]
+             "| memory ratio | kernels/step (base → FlexAct) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        kernels = (f"{r['base_kernels']} → {r['flexact_kernels']}" if r["base_kernels"]
+                   else "(compiled)")
         lines.append(f"| {r['comparison']} | {r['base_ms']:.1f} | {r['flexact_ms']:.1f} | "
                      f"**{r['time_ratio']:.3f}** | {r['base_mb']:.1f} | {r['flexact_mb']:.1f} | "
-                     f"**{r['memory_ratio']:.3f}** |")
+                     f"**{r['memory_ratio']:.3f}** | {kernels} |")
     return "\n".join(lines)
 
 
@@ -167,8 +181,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=None,
                         help="batch size (default: 16 on the CPU, 128 on a GPU)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved timing repeats")
-    parser.add_argument("--steps", type=int, default=3, help="steps per timing repeat")
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved timing repeats")
+    parser.add_argument("--steps", type=int, default=2, help="steps per timing repeat")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile both sides of every comparison (inductor)")
     parser.add_argument("--bf16", action="store_true",

@@ -50,6 +50,7 @@ def test_overhead_benchmark_smoke(extra: list[str], capsys: pytest.CaptureFixtur
                                                              "layer alone on (8, 64, 32, 32)"]
     for row in rows:
         assert row["time_ratio"] > 0 and row["memory_ratio"] >= 1.0
+        assert 0 < row["base_kernels"] < row["flexact_kernels"]
     assert "time ratio" in capsys.readouterr().out
 
 

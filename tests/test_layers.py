@@ -21,7 +21,7 @@ from flexact import (
     mixture,
     selection_kl,
 )
-from flexact.profiling import saved_bytes
+from flexact.profiling import kernel_count, saved_bytes
 
 from .conftest import OTHER_BUILTINS
 
@@ -832,3 +832,13 @@ def test_commit_fixes_the_pick_without_reading_logits_each_step() -> None:
     _set_logits(channel, [[0.0, 1.0], [1.0, 0.0], [0.0, 1.0]])
     channel.commit()
     assert channel.committed_index is None and channel.picks().tolist() == [1, 0, 1]
+
+
+def test_kernel_count_counts_kernels_not_views() -> None:
+    x = torch.randn(4, 6, requires_grad=True)
+    assert kernel_count(lambda: torch.relu(x)) == 1
+    assert kernel_count(lambda: x.view(24).t().unsqueeze(0)) == 0  # views launch nothing
+    assert kernel_count(lambda: torch.relu(x).sum().backward()) >= 4  # relu, sum, and backward
+    layer = FlexAct(regularize=False)
+    # A training forward: Gumbel sample (9 small kernels) and the closed form's passes.
+    assert 15 < kernel_count(lambda: layer(x)) < 60
