@@ -76,11 +76,13 @@ def _constants(rows: tuple[tuple[float, ...], ...], device: torch.device) -> tup
     key = (device, rows)
     if key not in _CONSTANTS:
         coefficients = torch.tensor(rows, dtype=torch.float32)
-        # A candidate's squared gradient norm over a group of n elements, from the statistics
-        # [#(x > 0), #(x ≤ 0), Σσ'(x)², Σσ'(2x)²]: each built-in row uses one kind of basis
-        # (piecewise linear, σ(x) or σ(2x)), so no cross terms arise.
+        # A candidate's squared gradient norm over a group of n elements is
+        # (c_relu + c_x)²·#(x > 0) + c_x²·#(x ≤ 0) + c_σ²·Σσ'(x)² + (2c_σ2x)²·Σσ'(2x)²: each
+        # built-in row uses one kind of basis (piecewise linear, σ(x) or σ(2x)), so no cross
+        # terms arise. Rows: the factors of [#(x > 0), Σσ'(x)², Σσ'(2x)²], then that of n.
         relu, ident, sig, sig2 = (coefficients[:, k] for k in (_RELU, _X, _SIG, _SIG2))
-        squares = torch.stack([(relu + ident) ** 2, ident**2, sig**2, (2 * sig2) ** 2])
+        squares = torch.stack([(relu + ident) ** 2 - ident**2, sig**2, (2 * sig2) ** 2,
+                               ident**2])
         _CONSTANTS[key] = (coefficients.to(device), squares.to(device))
     return _CONSTANTS[key]
 
@@ -190,9 +192,11 @@ def _mixture_forward(
         return _column(beta_x, k, x, channel_dim)
 
     dims = _group_dims(x, channel_dim)
-    # Statistics per group: [#(x > 0), #(x ≤ 0), Σσ'(x)², Σσ'(2x)²] (see _constants).
+    # Statistics per group, by basis column: #(x > 0), Σσ'(x)², Σσ'(2x)² (see _constants).
     stats: list[Tensor | None] = [None, None, None, None]
-    out = torch.mul(x, col(_X)) if used[_X] else None
+    out: Tensor | None = None
+    if used[_X]:  # with the constant basis in the same pass
+        out = torch.addcmul(col(_ONE), x, col(_X)) if used[_ONE] else torch.mul(x, col(_X))
     buf: Tensor | None = None
     if used[_RELU]:
         buf = torch.relu(x)
@@ -208,12 +212,11 @@ def _mixture_forward(
             stats[k] = _sum_sq(buf.addcmul_(buf, buf, value=-1), dims)
     if out is None:  # only the constant basis
         out = torch.zeros_like(x)
-    if used[_ONE]:
+    if used[_ONE] and not used[_X]:
         out.add_(col(_ONE))
-    norms = x.new_zeros(0, dtype=_accumulation_dtype(x))
     if want_norms:
-        norms = _gradient_norms(x, stats, squares, dims, channel_dim)
-    return out, norms
+        return out, _gradient_norms(x, stats, squares, dims, channel_dim)
+    return out, x.new_empty(0, dtype=_accumulation_dtype(x))
 
 
 def _mixture_backward(
@@ -258,8 +261,10 @@ def _mixture_backward(
 
     grad_w = None
     if need_w:
-        zero = beta.new_zeros(beta.shape[:-1])
-        grad_beta = torch.stack([zero if p is None else p for p in parts], dim=-1)
+        if any(p is None for p in parts):
+            zero = beta.new_zeros(beta.shape[:-1])
+            parts = [zero if p is None else p for p in parts]
+        grad_beta = torch.stack(parts, dim=-1)  # type: ignore[arg-type]
         grad_w = (grad_beta.unsqueeze(-2) * coefficients.to(grad_beta.dtype)).sum(-1)
         grad_w = grad_w.to(weights.dtype)
     return grad_x, grad_w
@@ -316,9 +321,8 @@ class _BatchNormMixture(torch.autograd.Function):
     Both are kept alive for backward anyway (``z`` by the batch norm, ``residual`` by the
     convolution that reads the block input), so unlike a separate FlexAct, which must keep its
     input, this stores no activation-sized tensor of its own: the normalized input is
-    recomputed in backward, one pass. The batch-norm backward is the closed form
-    ``∂z = a·(g − mean(g) − x̂·mean(g·x̂))`` with ``a = γ/√(var + ε)``. The forward is the
-    batch norm's own kernel (statistics, output and running statistics in one call).
+    recomputed in backward, one pass. Forward and backward of the batch norm are its own
+    kernels (``native_batch_norm`` and ``native_batch_norm_backward``).
     """
 
     @staticmethod
@@ -339,7 +343,7 @@ class _BatchNormMixture(torch.autograd.Function):
         channel_dim: int | None,
         want_norms: bool,
     ) -> tuple[Tensor, Tensor]:
-        # The batch norm's own kernel: statistics, output and running statistics in one call.
+        # Statistics, output and running statistics in one call.
         x, mean, invstd = torch.native_batch_norm(
             z, gamma, shift, running_mean, running_var, True, momentum, eps)
         if residual is not None:
@@ -349,13 +353,10 @@ class _BatchNormMixture(torch.autograd.Function):
                                       want_norms)
         out = out.to(x.dtype)
         del x
-        scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
-        bias = -mean * scale if shift is None else shift.to(invstd.dtype) - mean * scale
-        ctx.used, ctx.channel_dim = used, channel_dim
-        ctx.gamma_dtype = None if gamma is None else gamma.dtype
-        ctx.shift_dtype = None if shift is None else shift.dtype
+        ctx.used, ctx.channel_dim, ctx.eps = used, channel_dim, eps
+        ctx.has_gamma, ctx.has_shift = gamma is not None, shift is not None
         ctx.has_residual = residual is not None
-        ctx.save_for_backward(z, residual, weights, coefficients, beta, scale, bias, mean,
+        ctx.save_for_backward(z, residual, gamma, shift, weights, coefficients, beta, mean,
                               invstd)
         ctx.mark_non_differentiable(norms)
         return out, norms
@@ -364,46 +365,29 @@ class _BatchNormMixture(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: Any, grad_out: Tensor, *_unused: Tensor
     ) -> tuple[Tensor | None, ...]:
-        z, residual, weights, coefficients, beta, scale, bias, mean, invstd = ctx.saved_tensors
+        z, residual, gamma, shift, weights, coefficients, beta, mean, invstd = ctx.saved_tensors
         input_dtype, residual_dtype = z.dtype, None if residual is None else residual.dtype
         dtype = _compute_dtype(z)
         z, residual = z.to(dtype), None if residual is None else residual.to(dtype)
+        # The normalized input again: (z − μ)·γ/σ + β (+ residual), one pass.
+        scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
+        bias = mean * -scale if shift is None else torch.addcmul(shift.to(invstd.dtype), mean,
+                                                                 scale, value=-1)
         x = _affine(z, scale, bias, residual)
         grad_x, grad_w = _mixture_backward(x, grad_out.to(dtype), beta, weights, coefficients,
                                            ctx.used, ctx.channel_dim, ctx.needs_input_grad[8])
         del x
-        dims = tuple(d for d in range(z.dim()) if d != 1)
-        count = z.numel() // z.shape[1]
-        sum_g = _sum_over(grad_x, dims)
-        sum_gx_hat = invstd * (_inner(grad_x, z, 1) - mean * sum_g)  # Σ g·x̂ = ∂L/∂γ
-        shape = [1] * z.dim()
-        shape[1] = -1
-        # ∂z = a·g − (a/N)·Σg − (a·invstd/N)·Σ(g·x̂)·(z − μ), as a·g + c·(z − μ) + d per channel
-        c = -scale * invstd * sum_gx_hat / count
-        d = -scale * sum_g / count
         grad_residual = None
         if ctx.has_residual and ctx.needs_input_grad[3]:
             grad_residual = grad_x.to(residual_dtype)
-        grad_z = None
-        if ctx.needs_input_grad[0]:
-            a = scale.to(z.dtype).reshape(shape)
-            # grad_x is also the residual's gradient unless that was converted to a copy
-            shared = grad_residual is not None and grad_residual.data_ptr() == grad_x.data_ptr()
-            grad_z = grad_x * a if shared else grad_x.mul_(a)
-            if z.dtype == _accumulation_dtype(z):  # float32/64: fold μ into the constant term
-                grad_z.addcmul_(z, c.to(z.dtype).reshape(shape)).add_(
-                    (d - c * mean).to(z.dtype).reshape(shape))
-            else:  # half precision: centre first, the folded form would cancel
-                grad_z.addcmul_(z - mean.to(z.dtype).reshape(shape), c.to(z.dtype).reshape(shape))
-                grad_z.add_(d.to(z.dtype).reshape(shape))
+        mask = [ctx.needs_input_grad[0], ctx.has_gamma and ctx.needs_input_grad[1],
+                ctx.has_shift and ctx.needs_input_grad[2]]
+        grad_z, grad_gamma, grad_shift = torch.ops.aten.native_batch_norm_backward(
+            grad_x, z, gamma, None, None, mean, invstd, True, ctx.eps, mask)
+        if grad_z is not None:
             grad_z = grad_z.to(input_dtype)
-        grad_gamma = grad_shift = None
-        if ctx.gamma_dtype is not None and ctx.needs_input_grad[1]:
-            grad_gamma = sum_gx_hat.to(ctx.gamma_dtype)
-        if ctx.shift_dtype is not None and ctx.needs_input_grad[2]:
-            grad_shift = sum_g.to(ctx.shift_dtype)
-        return (grad_z, grad_gamma, grad_shift, grad_residual, None, None, None, None, grad_w,
-                *([None] * 5))
+        return (grad_z, grad_gamma if mask[1] else None, grad_shift if mask[2] else None,
+                grad_residual, None, None, None, None, grad_w, *([None] * 5))
 
 
 def _gradient_norms(
@@ -418,18 +402,16 @@ def _gradient_norms(
     for d in dims:
         size *= x.shape[d]
     dtype = _accumulation_dtype(x)
-    zero = torch.zeros((), dtype=dtype, device=x.device)
-    positive = stats[0]
-    table = [zero, torch.full((), float(size), dtype=dtype, device=x.device)]
-    if positive is not None:
-        table = [positive, size - positive]
-    table += [zero if s is None else s for s in stats[2:]]
-    # One group per sample (and channel); constants such as Identity's are broadcast to it.
+    squares = squares.to(dtype)
+    # One group per sample (and channel); absent statistics are zero.
     shape = (x.shape[0],) if channel_dim is None else (x.shape[0], x.shape[channel_dim])
-    stacked = torch.stack([t.expand(shape) for t in table], dim=-1)  # (B[, C], 4)
-    # Element-wise product and sum, not a matmul: autocast must not round it to bf16.
-    squared = (stacked.unsqueeze(-1) * squares.to(dtype)).sum(-2)
-    return squared.clamp_min_(0).sqrt_().mean(0)
+    present = [stats[k] for k in (_RELU, _SIG, _SIG2)]
+    zero = None if all(t is not None for t in present) else x.new_zeros((), dtype=dtype)
+    table = torch.stack([(zero if t is None else t).expand(shape) for t in present], dim=-1)
+    # In float32 even under autocast (which would run the matmul in bf16).
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        squared = torch.addmm(squares[3] * size, table.reshape(-1, 3), squares[:3])
+    return squared.sqrt_().reshape(*shape, -1).mean(0)
 
 
 def closed_form_mixture(

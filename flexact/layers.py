@@ -457,7 +457,7 @@ class FlexAct(nn.Module):
         """``p̃ = softmax(-ḡ/λ)``, with ḡ averaged over all ranks when ``sync_statistics``."""
         if self.sync_statistics:
             g = _all_ranks_mean(g, x.shape[0] if x.dim() else 1)
-        return torch.softmax(-g / self.kl_lambda, dim=-1).to(self.logits.dtype)
+        return torch.softmax(g * (-1.0 / self.kl_lambda), dim=-1).to(self.logits.dtype)
 
     def commit(self, committed: bool = True) -> None:
         """Fix the selection: from now on train and eval apply exactly the picked activation.
