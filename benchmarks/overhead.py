@@ -3,7 +3,8 @@
 Side by side in one process (interleaved repeats, medians), three comparisons:
 
 1. CIFAR ResNet18 with a plain head (Linear → ReLU → Linear) vs the FlexAct head.
-2. CIFAR ResNet18 with ReLU at every site vs FlexAct at every site.
+2. CIFAR ResNet18 with ReLU at every site vs FlexAct at every site (one selection per site,
+   and one per channel).
 3. The FlexAct layer alone vs ``nn.ReLU`` on a large tensor (forward + backward).
 
 A step is forward, loss (plus α·KL for FlexAct models), backward and an SGD update. Memory is
@@ -147,12 +148,16 @@ def run(batch: int, repeats: int, steps: int, device: torch.device,
         repeats, steps, bf16, not compile_model))
 
     relu_net = nn.Sequential(cifar_resnet18(activation="relu"), nn.Linear(512, 10)).to(device)
-    flex_net = nn.Sequential(cifar_resnet18(activation="flexact"), nn.Linear(512, 10)).to(device)
-    rows.append(compare(
-        "ResNet18: ReLU everywhere vs FlexAct everywhere",
-        (classifier_step(relu_net, x, y, 0.3, compile_model, bf16), lambda: relu_net(x)),
-        (classifier_step(flex_net, x, y, 0.3, compile_model, bf16), lambda: flex_net(x)),
-        device, repeats, steps, bf16, not compile_model))
+    for activation, label in (("flexact", "FlexAct everywhere"),
+                              ("flexact_channel", "FlexAct per channel everywhere")):
+        flex_net = nn.Sequential(cifar_resnet18(activation=activation),
+                                 nn.Linear(512, 10)).to(device)
+        rows.append(compare(
+            f"ResNet18: ReLU everywhere vs {label}",
+            (classifier_step(relu_net, x, y, 0.3, compile_model, bf16), lambda: relu_net(x)),
+            (classifier_step(flex_net, x, y, 0.3, compile_model, bf16),
+             lambda net=flex_net: net(x)),  # type: ignore[misc]
+            device, repeats, steps, bf16, not compile_model))
 
     big = torch.randn(batch * 4, 64, 32, 32, device=device, requires_grad=True)
     relu, layer = nn.ReLU(), FlexAct().to(device)

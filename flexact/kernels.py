@@ -150,6 +150,11 @@ def _inner(a: Tensor, b: Tensor, channel_dim: int | None) -> Tensor:
             if fa is not None and fb is not None:
                 return torch.dot(fa, fb)  # one pass, nothing allocated
         return torch.mul(a, b).sum(dtype=dtype)
+    if (channel_dim == 1 and a.dim() > 2 and a.dtype == b.dtype == dtype
+            and a.is_contiguous() and b.is_contiguous()):
+        # (N, C, rest): products summed along the contiguous last dimension first, then N.
+        n, c = a.shape[:2]
+        return torch.linalg.vecdot(a.view(n, c, -1), b.view(n, c, -1)).sum(0)
     dims = tuple(d for d in range(a.dim()) if d != channel_dim)
     return torch.mul(a, b).sum(dim=dims, dtype=dtype)
 
