@@ -10,6 +10,10 @@ element-wise passes. Tanh also goes through the sigmoid kernel, several times fa
 products. The regularizer's gradient norms (METHOD.md eq. 1) come out of the same forward from
 the ``σ`` values it has already computed, instead of differentiating every candidate again.
 
+After a batch norm, :func:`batchnorm_mixture` (behind :meth:`flexact.FlexAct.forward_batchnorm`)
+also folds the batch norm and a residual addition into the same autograd step, so that the
+layer's input is recomputed in backward instead of stored.
+
 Pure PyTorch; :func:`flexact.layers.mixture` and :class:`flexact.layers.FlexAct` take this path
 whenever every candidate is one of the five built-ins, and the general one otherwise.
 """
