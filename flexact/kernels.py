@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "BASIS",
@@ -40,9 +41,10 @@ BASIS: tuple[str, ...] = ("relu", "x", "sigmoid", "sigmoid_2x", "one")
 
 _RELU, _X, _SIG, _SIG2, _ONE = range(len(BASIS))
 
-# (device, rows) -> (coefficients C (p, 5), squared-norm coefficients Q (4, p)), so that a
-# training step never copies these small constants from the host again.
-_CONSTANTS: dict[tuple[torch.device, tuple[tuple[float, ...], ...]], tuple[Tensor, Tensor]] = {}
+# (device, dtype, rows) -> (coefficients C (p, 5), squared-norm coefficients Q (4, p)), so
+# that a training step never copies these small constants from the host again.
+_CONSTANTS: dict[tuple[torch.device, torch.dtype, tuple[tuple[float, ...], ...]],
+                 tuple[Tensor, Tensor]] = {}
 
 
 def basis_row(module: nn.Module) -> tuple[float, float, float, float, float] | None:
@@ -76,19 +78,30 @@ def basis_rows(candidates: Sequence[nn.Module]) -> tuple[tuple[float, ...], ...]
     return tuple(rows)
 
 
-def _constants(rows: tuple[tuple[float, ...], ...], device: torch.device) -> tuple[Tensor, Tensor]:
-    key = (device, rows)
+def _constants(rows: tuple[tuple[float, ...], ...], device: torch.device,
+               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(C, Q)`` for these candidate rows on ``device`` in ``dtype`` (float32 or float64)."""
+    key = (device, dtype, rows)
     if key not in _CONSTANTS:
-        coefficients = torch.tensor(rows, dtype=torch.float32)
-        # A candidate's squared gradient norm over a group of n elements is
-        # (c_relu + c_x)²·#(x > 0) + c_x²·#(x ≤ 0) + c_σ²·Σσ'(x)² + (2c_σ2x)²·Σσ'(2x)²: each
-        # built-in row uses one kind of basis (piecewise linear, σ(x) or σ(2x)), so no cross
-        # terms arise. Rows: the factors of [#(x > 0), Σσ'(x)², Σσ'(2x)²], then that of n.
-        relu, ident, sig, sig2 = (coefficients[:, k] for k in (_RELU, _X, _SIG, _SIG2))
-        squares = torch.stack([(relu + ident) ** 2 - ident**2, sig**2, (2 * sig2) ** 2,
-                               ident**2])
-        _CONSTANTS[key] = (coefficients.to(device), squares.to(device))
+        # Never inference tensors: a first call under torch.inference_mode (a sanity-check
+        # validation) must not leave constants that training cannot save for backward.
+        with torch.inference_mode(False):
+            coefficients, squares = _build_constants(rows)
+            _CONSTANTS[key] = (coefficients.to(device, dtype), squares.to(device, dtype))
     return _CONSTANTS[key]
+
+
+def _build_constants(rows: tuple[tuple[float, ...], ...]) -> tuple[Tensor, Tensor]:
+    # In float64, so that float64 models get the exact slopes (LeakyReLU's 0.01).
+    coefficients = torch.tensor(rows, dtype=torch.float64)
+    # A candidate's squared gradient norm over a group of n elements is
+    # (c_relu + c_x)²·#(x > 0) + c_x²·#(x ≤ 0) + c_σ²·Σσ'(x)² + (2c_σ2x)²·Σσ'(2x)²: each
+    # built-in row uses one kind of basis (piecewise linear, σ(x) or σ(2x)), so no cross
+    # terms arise. Rows: the factors of [#(x > 0), Σσ'(x)², Σσ'(2x)²], then that of n.
+    relu, ident, sig, sig2 = (coefficients[:, k] for k in (_RELU, _X, _SIG, _SIG2))
+    squares = torch.stack([(relu + ident) ** 2 - ident**2, sig**2, (2 * sig2) ** 2,
+                           ident**2])
+    return coefficients, squares
 
 
 def _column(beta: Tensor, k: int, x: Tensor, channel_dim: int | None) -> Tensor:
@@ -304,9 +317,15 @@ class _ClosedFormMixture(torch.autograd.Function):
         return out.to(x.dtype), norms
 
     @staticmethod
+    @once_differentiable  # a second derivative would miss β's dependence on the weights
     def backward(  # type: ignore[override]
         ctx: Any, grad_out: Tensor, _grad_norms: Tensor
     ) -> tuple[Tensor | None, ...]:
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _ClosedFormMixture._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weights, coefficients, beta = ctx.saved_tensors
         dtype = _compute_dtype(grad_out)
         grad_x, grad_w = _mixture_backward(
@@ -317,10 +336,15 @@ class _ClosedFormMixture(torch.autograd.Function):
 
 
 def _affine(z: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None) -> Tensor:
-    """``scale·z + shift (+ residual)`` with per-channel ``scale``/``shift`` along dim 1."""
+    """``scale·z + shift (+ residual)`` with per-channel ``scale``/``shift`` along dim 1.
+
+    ``scale·z + shift`` is evaluated with the float32 coefficients and rounded to ``z``'s dtype
+    once, as the batch norm's own kernel does (bf16 coefficients would cancel badly for
+    channels whose mean is large against their spread); the residual is added in that dtype.
+    """
     shape = [1] * z.dim()
     shape[1] = -1
-    x = torch.addcmul(shift.to(z.dtype).reshape(shape), z, scale.to(z.dtype).reshape(shape))
+    x = torch.addcmul(shift.reshape(shape), z, scale.reshape(shape)).to(z.dtype)
     return x if residual is None else x.add_(residual)
 
 
@@ -371,13 +395,26 @@ class _BatchNormMixture(torch.autograd.Function):
         return out, norms
 
     @staticmethod
+    @once_differentiable  # a second derivative would miss β's dependence on the weights
     def backward(  # type: ignore[override]
         ctx: Any, grad_out: Tensor, *_unused: Tensor
     ) -> tuple[Tensor | None, ...]:
+        # Dtypes are chosen here explicitly: autocast (active if backward is called inside
+        # its block) would run the inner products in bf16.
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            return _BatchNormMixture._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         z, residual, gamma, shift, weights, coefficients, beta, mean, invstd = ctx.saved_tensors
         input_dtype, residual_dtype = z.dtype, None if residual is None else residual.dtype
         dtype = _compute_dtype(z)
-        z, residual = z.to(dtype), None if residual is None else residual.to(dtype)
+        stat_gamma = gamma
+        if dtype != input_dtype:  # half precision on the CPU: everything below in float32
+            z, residual = z.to(dtype), None if residual is None else residual.to(dtype)
+            # (a model cast to bf16 has bf16 γ and statistics; the kernel wants one dtype)
+            mean, invstd = mean.to(dtype), invstd.to(dtype)
+            stat_gamma = None if gamma is None else gamma.to(dtype)
         # The normalized input again: (z − μ)·γ/σ + β (+ residual), one pass.
         scale = invstd if gamma is None else gamma.to(invstd.dtype) * invstd
         bias = mean * -scale if shift is None else torch.addcmul(shift.to(invstd.dtype), mean,
@@ -392,11 +429,12 @@ class _BatchNormMixture(torch.autograd.Function):
         mask = [ctx.needs_input_grad[0], ctx.has_gamma and ctx.needs_input_grad[1],
                 ctx.has_shift and ctx.needs_input_grad[2]]
         grad_z, grad_gamma, grad_shift = torch.ops.aten.native_batch_norm_backward(
-            grad_x, z, gamma, None, None, mean, invstd, True, ctx.eps, mask)
-        if grad_z is not None:
-            grad_z = grad_z.to(input_dtype)
-        return (grad_z, grad_gamma if mask[1] else None, grad_shift if mask[2] else None,
-                grad_residual, None, None, None, None, grad_w, *([None] * 5))
+            grad_x, z, stat_gamma, None, None, mean, invstd, True, ctx.eps, mask)
+        grad_z = grad_z.to(input_dtype) if mask[0] else None
+        grad_gamma = grad_gamma.to(gamma.dtype) if mask[1] else None
+        grad_shift = grad_shift.to(shift.dtype) if mask[2] else None
+        return (grad_z, grad_gamma, grad_shift, grad_residual, None, None, None, None, grad_w,
+                *([None] * 5))
 
 
 def _gradient_norms(
@@ -448,7 +486,7 @@ def closed_form_mixture(
     rows = basis_rows(candidates)
     if rows is None or (want_norms and x.dim() < 2):
         return None
-    coefficients, squares = _constants(rows, x.device)
+    coefficients, squares = _constants(rows, x.device, _accumulation_dtype(weights))
     used = tuple(any(row[k] != 0.0 for row in rows) for k in range(len(BASIS)))
     out, norms = _ClosedFormMixture.apply(
         x, weights, coefficients, squares, used, channel_dim, save_dtype, want_norms
@@ -459,12 +497,31 @@ def closed_form_mixture(
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def fusable_batchnorm(z: Tensor, norm: nn.Module, channel_dim: int | None) -> bool:
+def fusable_batchnorm(z: Tensor, norm: nn.Module, channel_dim: int | None,
+                      residual: Tensor | None = None) -> bool:
     """Whether :func:`batchnorm_mixture` applies to this input and norm (for built-ins)."""
-    return (type(norm) in _BATCH_NORMS and norm.training and z.dim() >= 2
-            and channel_dim in (None, 1)
-            # One value per channel: leave it to nn.BatchNorm, whose error message is clear.
-            and z.numel() > z.shape[1])
+    if type(norm) not in _BATCH_NORMS or not norm.training or channel_dim not in (None, 1):
+        return False
+    assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
+    return (z.dim() >= 2
+            # One value per channel, or the wrong number of dimensions: leave it to
+            # nn.BatchNorm, whose error messages are clear.
+            and z.numel() > z.shape[1] and _valid_input(norm, z)
+            # A residual of another dtype would promote the sum; the modules do that.
+            and (residual is None or residual.dtype == z.dtype)
+            # Hooks on the norm expect to run (and see its output).
+            and not (norm._forward_hooks or norm._forward_pre_hooks)
+            # The cumulative average's factor changes every step: compiled code would
+            # recompile each time.
+            and not (norm.momentum is None and torch.compiler.is_compiling()))
+
+
+def _valid_input(norm: nn.modules.batchnorm._BatchNorm, z: Tensor) -> bool:
+    try:
+        norm._check_input_dim(z)
+    except ValueError:
+        return False
+    return True
 
 
 def batchnorm_mixture(
@@ -495,10 +552,10 @@ def batchnorm_mixture(
         dimension): then apply the modules one after the other.
     """
     rows = basis_rows(candidates)
-    if rows is None or not fusable_batchnorm(z, norm, channel_dim):
+    if rows is None or not fusable_batchnorm(z, norm, channel_dim, residual):
         return None
     assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
-    coefficients, squares = _constants(rows, z.device)
+    coefficients, squares = _constants(rows, z.device, _accumulation_dtype(weights))
     used = tuple(any(row[k] != 0.0 for row in rows) for k in range(len(BASIS)))
     # Running statistics exactly as nn.BatchNorm's forward updates them.
     momentum = 0.0 if norm.momentum is None else norm.momentum
@@ -506,7 +563,9 @@ def batchnorm_mixture(
         norm.num_batches_tracked.add_(1)
         if norm.momentum is None:  # cumulative moving average
             momentum = 1.0 / float(norm.num_batches_tracked)
+    tracked = norm.track_running_stats  # buffers may exist with tracking switched off
     out, norms = _BatchNormMixture.apply(
-        z, norm.weight, norm.bias, residual, norm.running_mean, norm.running_var, momentum,
-        norm.eps, weights, coefficients, squares, used, channel_dim, want_norms)
+        z, norm.weight, norm.bias, residual, norm.running_mean if tracked else None,
+        norm.running_var if tracked else None, momentum, norm.eps, weights, coefficients,
+        squares, used, channel_dim, want_norms)
     return out, (norms if want_norms else None)

@@ -330,7 +330,8 @@ class FlexAct(nn.Module):
         """The input's channel dimension (non-negative) for per-channel layers, else ``None``."""
         if self.num_channels is None:
             return None
-        if x.dim() < 2 or not -x.dim() <= self.channel_dim < x.dim():
+        if (x.dim() < 2 or not -x.dim() <= self.channel_dim < x.dim()
+                or self.channel_dim % x.dim() == 0):
             raise ValueError(
                 f"FlexAct channel_dim={self.channel_dim} is not a non-batch dimension of the "
                 f"input of shape {tuple(x.shape)}"
@@ -351,7 +352,8 @@ class FlexAct(nn.Module):
         a ReLU network stores. After a batch norm that input can be recomputed from the batch
         norm's own input instead (:func:`flexact.kernels.batchnorm_mixture`): memory as with a
         ReLU, exact gradients, the same running statistics. Falls back to the modules one after
-        the other wherever that does not apply (eval, committed, other norms or candidates).
+        the other wherever that does not apply (eval, committed, other norms or candidates,
+        forward hooks on either module, a residual of another dtype).
 
         Args:
             z: Input of ``norm`` (channels in dimension 1).
@@ -363,7 +365,8 @@ class FlexAct(nn.Module):
         """
         channel_dim = self._channel_dim(z)
         if (self.training and not self.committed and basis_rows(self.candidates) is not None
-                and fusable_batchnorm(z, norm, channel_dim)):
+                and not (self._forward_hooks or self._forward_pre_hooks)  # they expect a call
+                and fusable_batchnorm(z, norm, channel_dim, residual)):
             measure = self.regularize and torch.is_grad_enabled()
             fused = batchnorm_mixture(z, norm, residual, self._training_weights(),
                                       self.candidates, channel_dim, measure)

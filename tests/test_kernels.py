@@ -313,3 +313,101 @@ def test_forward_batchnorm_bfloat16_matches_norm_then_layer() -> None:
                       ("running_var", 1e-2)):
         torch.testing.assert_close(a[key].float(), b[key].float(),  # type: ignore[union-attr]
                                    rtol=0.03, atol=atol, msg=key)
+
+
+# --------------------------------------------------------------------------------------------
+# Edge cases (found in review)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_forward_batchnorm_in_a_model_cast_to_half_precision(dtype: torch.dtype) -> None:
+    fused, plain = _norm_pair(nn.BatchNorm2d(6), _layer("channel", 1, mode="blend"))
+    fused.to(dtype), plain.to(dtype)
+    gen = torch.Generator().manual_seed(3)
+    z = (3 * torch.randn(4, 6, 5, 5, generator=gen) + 1).to(dtype)
+    res = torch.randn(4, 6, 5, 5, generator=gen).to(dtype)
+    a, b = _norm_step(fused, z, res), _norm_step(plain, z, res)
+    assert a["path"] == "_BatchNormMixtureBackward"
+    for key in ("out", "grad_z", "grad_norm.weight", "grad_act.logits", "running_var"):
+        assert a[key].dtype == dtype, key  # type: ignore[union-attr]
+        torch.testing.assert_close(a[key].float(), b[key].float(),  # type: ignore[union-attr]
+                                   rtol=0.03, atol=0.1, msg=key)
+
+
+def test_constants_made_under_inference_mode_still_train() -> None:
+    kernels._CONSTANTS.clear()
+    layer = _layer("layer", 1, candidates=("relu", "sigmoid"), eval_mode="expected").eval()
+    x = torch.randn(4, 6, 3, 3)
+    with torch.inference_mode():  # e.g. Lightning's sanity-check validation comes first
+        layer(x)
+    layer.train()
+    _step(layer, x)  # would fail: "Inference tensors cannot be saved for backward"
+    assert layer.logits.grad is None  # (_step cleared it after checking it existed)
+
+
+def test_float64_mixture_uses_exact_slopes() -> None:
+    x = torch.linspace(-3, 3, 101, dtype=torch.float64)
+    out, _ = closed_form_mixture(x, torch.ones(1, dtype=torch.float64),  # type: ignore[misc]
+                                 [nn.LeakyReLU(0.01)])
+    torch.testing.assert_close(out, nn.functional.leaky_relu(x, 0.01), rtol=0, atol=1e-15)
+
+
+def test_forward_batchnorm_respects_batchnorm_flags() -> None:
+    norm = nn.BatchNorm2d(6)
+    norm.track_running_stats = False  # switched off after construction: buffers still exist
+    fused, plain = _norm_pair(norm, _layer("layer", 1))
+    z = torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(1))
+    a, b = _norm_step(fused, z, None), _norm_step(plain, z, None)
+    assert a["path"] == "_BatchNormMixtureBackward"
+    assert torch.equal(a["running_mean"], torch.zeros(6))  # type: ignore[arg-type]
+    torch.testing.assert_close(a["running_var"], b["running_var"])
+    with pytest.raises(ValueError, match="expected 4D input"):  # nn.BatchNorm2d's own error
+        fused.act.forward_batchnorm(torch.randn(4, 6, 5), nn.BatchNorm2d(6))
+
+
+def test_backward_under_autocast_matches_backward_outside() -> None:
+    grads = []
+    for inside in (False, True):
+        fused, _ = _norm_pair(nn.BatchNorm2d(6), _layer("channel", 1, mode="blend"))
+        z = torch.randn(4, 6, 5, 5, generator=torch.Generator().manual_seed(2))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=inside):
+            out = fused(z, None)
+            if inside:
+                out.sum().backward()
+        if not inside:
+            out.sum().backward()
+        grads.append(fused.act.logits.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["closed_form", "batchnorm"])
+def test_second_derivatives_fail_loudly(path: str) -> None:
+    fused, _ = _norm_pair(nn.BatchNorm2d(6), _layer("layer", 1, mode="blend"))
+    z = torch.randn(4, 6, 3, 3, requires_grad=True)
+    out = fused(z, None) if path == "batchnorm" else fused.act(z)
+    (grad,) = torch.autograd.grad(out.square().sum(), z, create_graph=True)
+    with pytest.raises(RuntimeError):  # instead of a silently incomplete second derivative
+        torch.autograd.grad(grad.sum(), fused.act.logits)
+
+
+@pytest.mark.parametrize("case", ["hook_on_norm", "hook_on_layer", "residual_dtype"])
+def test_forward_batchnorm_leaves_hooks_and_mixed_dtypes_to_the_modules(case: str) -> None:
+    fused, plain = _norm_pair(nn.BatchNorm2d(6), _layer("layer", 1))
+    seen: list[str] = []
+    for model in (fused, plain):
+        module = model.norm if case == "hook_on_norm" else model.act
+        if case != "residual_dtype":
+            module.register_forward_hook(lambda *args: seen.append("hook"))
+    z = torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(5))
+    res = torch.randn(4, 6, 3, 3, dtype=torch.float64 if case == "residual_dtype" else None)
+    a, b = _norm_step(fused, z, res), _norm_step(plain, z, res)
+    assert a["path"] == b["path"] != "_BatchNormMixtureBackward"
+    assert len(seen) == (0 if case == "residual_dtype" else 2)  # the hook ran in both
+    torch.testing.assert_close(a["out"], b["out"])
+
+
+def test_channel_dim_cannot_be_the_batch_dimension() -> None:
+    layer = FlexAct(granularity="channel", num_channels=4, channel_dim=0)
+    with pytest.raises(ValueError, match="not a non-batch dimension"):
+        layer(torch.randn(4, 6))
