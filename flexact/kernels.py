@@ -262,10 +262,12 @@ def _mixture_backward(
     if used[_RELU]:
         # grad·relu'(x) with ReLU's own backward kernel; Σ grad·relu(x) = Σ that·x.
         grad_x = torch.ops.aten.threshold_backward(grad_out, x, 0)
-        parts[_RELU] = _inner(grad_x, x, channel_dim)
+        if need_w:
+            parts[_RELU] = _inner(grad_x, x, channel_dim)
         grad_x.mul_(col(_RELU))
     if used[_X]:
-        parts[_X] = _inner(grad_out, x, channel_dim)
+        if need_w:
+            parts[_X] = _inner(grad_out, x, channel_dim)
         grad_x = grad_out * col(_X) if grad_x is None else grad_x.addcmul_(grad_out, col(_X))
     if used[_ONE] and need_w:
         parts[_ONE] = _sum_over(grad_out, tuple(d for d in range(x.dim()) if d != channel_dim))
@@ -274,7 +276,8 @@ def _mixture_backward(
         if not used[k]:
             continue
         buf = _sigmoid_into(torch.empty_like(x) if buf is None else buf, x, scale)
-        parts[k] = _inner(grad_out, buf, channel_dim)
+        if need_w:
+            parts[k] = _inner(grad_out, buf, channel_dim)
         # d/dx σ(a·x) = a·σ'(a·x), σ' = σ − σ²
         buf.addcmul_(buf, buf, value=-1).mul_(scale * col(k))
         grad_x = buf * grad_out if grad_x is None else grad_x.addcmul_(buf, grad_out)

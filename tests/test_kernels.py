@@ -411,3 +411,21 @@ def test_channel_dim_cannot_be_the_batch_dimension() -> None:
     layer = FlexAct(granularity="channel", num_channels=4, channel_dim=0)
     with pytest.raises(ValueError, match="not a non-batch dimension"):
         layer(torch.randn(4, 6))
+
+
+@pytest.mark.parametrize("fused_norm", [False, True])
+def test_frozen_selection_logits_still_give_input_gradients(fused_norm: bool,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    grads = []
+    for general in (False, True):
+        fused, _ = _norm_pair(nn.BatchNorm2d(6), _layer("channel", 1, mode="blend"))
+        fused.act.logits.requires_grad_(False)  # the weights' inner products are skipped
+        if general:
+            monkeypatch.setattr(kernels, "basis_rows", lambda candidates: None)
+        z = torch.randn(4, 6, 3, 3, generator=torch.Generator().manual_seed(6),
+                        requires_grad=True)
+        out = fused(z, None) if fused_norm else fused.act(z)
+        (out * torch.linspace(-1, 1, 9).reshape(3, 3)).sum().backward()
+        grads.append(z.grad)
+    torch.testing.assert_close(grads[0], grads[1])
