@@ -172,6 +172,7 @@ dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, wo
 torch.manual_seed(0)
 x, w = torch.randn(16, 6), torch.randn(3, 6)  # inputs, weight of the affine map before FlexAct
 rows = slice(0, 5) if rank == 0 else slice(5, 16)
+images = torch.randn(16, 3, 4, 4)  # a conv-shaped input: the closed form measures ḡ itself
 targets = {}
 for sync in (True, False):
     layer = FlexAct(kl_lambda=0.5)
@@ -179,6 +180,8 @@ for sync in (True, False):
     layer.train()
     layer(x[rows] @ w.T, input_weight=w)
     targets[sync] = layer._targets
+    layer(images[rows])
+    targets["closed", sync] = layer._targets
 torch.save(targets, f"{out}/targets{rank}.pt")
 dist.destroy_process_group()
 """
@@ -196,13 +199,18 @@ def test_sync_statistics_gives_the_global_batch_targets(tmp_path: Path) -> None:
     targets = [torch.load(tmp_path / f"targets{r}.pt") for r in range(2)]
     torch.manual_seed(0)
     x, w = torch.randn(16, 6), torch.randn(3, 6)
+    images = torch.randn(16, 3, 4, 4)
     layer = FlexAct(kl_lambda=0.5)
     layer.train()
     layer(x @ w.T, input_weight=w)
     global_targets = layer._targets
     assert global_targets is not None
+    layer(images)
+    global_closed = layer._targets
     for t in targets:  # synchronized: every rank gets p̃ of the whole batch
         torch.testing.assert_close(t[True], global_targets, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(t["closed", True], global_closed, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(targets[0]["closed", False], global_closed, atol=1e-4)
     # Not synchronized: each rank's p̃ comes from its own rows only.
     assert not torch.allclose(targets[0][False], targets[1][False], atol=1e-4)
     assert not torch.allclose(targets[0][False], global_targets, atol=1e-4)
