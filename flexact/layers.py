@@ -667,13 +667,29 @@ def selection_kl(model: nn.Module, reduction: Literal["sum", "mean"] = "sum") ->
             that α's pull does not grow with the number of FlexAct layers (see the teacher
             benchmark in benchmarks/RESULTS.md).
     """
-    total: Tensor | None = None
-    count = 0
-    for _, layer in flexact_layers(model):
-        kl = layer.kl_divergence()
-        total = kl if total is None else total + kl
-        count += 1
-    if total is None:
+    layers = [layer for _, layer in flexact_layers(model)]
+    if not layers:
         param = next(model.parameters(), None)
         return torch.zeros((), device=None if param is None else param.device)
+    terms: list[Tensor] = []
+    # Per-layer selections with the same number of candidates: one batched KL for all of them
+    # (a dozen small kernels in all, instead of a dozen per layer). Subclasses that define their
+    # own kl_divergence, and per-channel layers, are asked one by one.
+    batches: dict[tuple[int, torch.dtype, torch.device], list[FlexAct]] = {}
+    for layer in layers:
+        if type(layer).kl_divergence is not FlexAct.kl_divergence or layer.logits.dim() != 1:
+            terms.append(layer.kl_divergence())
+        elif layer._targets is not None and not layer.committed:  # else its KL is zero
+            key = (layer.logits.shape[0], layer.logits.dtype, layer.logits.device)
+            batches.setdefault(key, []).append(layer)
+    for batch in batches.values():
+        target = torch.stack([layer._targets for layer in batch])  # type: ignore[misc]
+        log_p = torch.log_softmax(torch.stack([layer.logits for layer in batch]), dim=-1)
+        terms.append((torch.special.xlogy(target, target) - target * log_p).sum())
+    count = len(layers)
+    if not terms:
+        return layers[0].logits.new_zeros(())
+    total = terms[0]
+    for term in terms[1:]:  # (a Python sum: the terms may differ in dtype)
+        total = total + term
     return total / count if reduction == "mean" else total

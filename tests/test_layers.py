@@ -842,3 +842,36 @@ def test_kernel_count_counts_kernels_not_views() -> None:
     layer = FlexAct(regularize=False)
     # A training forward: Gumbel sample (9 small kernels) and the closed form's passes.
     assert 15 < kernel_count(lambda: layer(x)) < 60
+
+
+def test_selection_kl_batches_layers_and_matches_the_per_layer_sum() -> None:
+    class Doubled(FlexAct):  # a subclass with its own KL must still be asked for it
+        def kl_divergence(self) -> Tensor:
+            return 2 * super().kl_divergence()
+
+    layers = [FlexAct() for _ in range(6)] + [Doubled(), FlexAct(candidates=["relu", "tanh"]),
+                                              FlexAct(granularity="channel", num_channels=3)]
+    model = nn.Sequential(*layers)
+    for layer in layers:
+        with torch.no_grad():
+            layer.logits.normal_()
+    x = torch.randn(8, 3)
+    for layer in layers:
+        layer(x)
+    layers[2].commit()  # a committed layer contributes nothing
+    for reduction in ("sum", "mean"):
+        total = selection_kl(model, reduction)  # type: ignore[arg-type]
+        parts = [layer.kl_divergence() for layer in layers]
+        expected = torch.stack(parts).sum() / (len(layers) if reduction == "mean" else 1)
+        torch.testing.assert_close(total, expected)
+        got = torch.autograd.grad(total, [layer.logits for layer in layers], allow_unused=True)
+        want = torch.autograd.grad(expected, [layer.logits for layer in layers],
+                                   allow_unused=True)
+        for g, w in zip(got, want, strict=True):
+            assert (g is None) == (w is None) or torch.count_nonzero(g if w is None else w) == 0
+            if g is not None and w is not None:
+                torch.testing.assert_close(g, w)
+    assert parts[6] > 0 and torch.equal(parts[6], 2 * FlexAct.kl_divergence(layers[6]))
+    # One batched KL for the five active five-candidate layers: fewer kernels than per layer.
+    assert kernel_count(lambda: selection_kl(model)) < 0.7 * kernel_count(
+        lambda: torch.stack([layer.kl_divergence() for layer in layers]).sum())
