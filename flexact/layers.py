@@ -672,20 +672,21 @@ def selection_kl(model: nn.Module, reduction: Literal["sum", "mean"] = "sum") ->
         param = next(model.parameters(), None)
         return torch.zeros((), device=None if param is None else param.device)
     terms: list[Tensor] = []
-    # Per-layer selections with the same number of candidates: one batched KL for all of them
-    # (a dozen small kernels in all, instead of a dozen per layer). Subclasses that define their
-    # own kl_divergence, and per-channel layers, are asked one by one.
-    batches: dict[tuple[int, torch.dtype, torch.device], list[FlexAct]] = {}
+    # Layers whose logits have the same shape: one batched KL for all of them (a dozen small
+    # kernels in all, instead of a dozen per layer). Subclasses that define their own
+    # kl_divergence are asked one by one.
+    batches: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[FlexAct]] = {}
     for layer in layers:
-        if type(layer).kl_divergence is not FlexAct.kl_divergence or layer.logits.dim() != 1:
+        if type(layer).kl_divergence is not FlexAct.kl_divergence:
             terms.append(layer.kl_divergence())
         elif layer._targets is not None and not layer.committed:  # else its KL is zero
-            key = (layer.logits.shape[0], layer.logits.dtype, layer.logits.device)
+            key = (tuple(layer.logits.shape), layer.logits.dtype, layer.logits.device)
             batches.setdefault(key, []).append(layer)
     for batch in batches.values():
         target = torch.stack([layer._targets for layer in batch])  # type: ignore[misc]
         log_p = torch.log_softmax(torch.stack([layer.logits for layer in batch]), dim=-1)
-        terms.append((torch.special.xlogy(target, target) - target * log_p).sum())
+        kl = (torch.special.xlogy(target, target) - target * log_p).sum(dim=-1)
+        terms.append((kl.mean(dim=-1) if kl.dim() > 1 else kl).sum())  # channels: the mean
     count = len(layers)
     if not terms:
         return layers[0].logits.new_zeros(())

@@ -849,8 +849,8 @@ def test_selection_kl_batches_layers_and_matches_the_per_layer_sum() -> None:
         def kl_divergence(self) -> Tensor:
             return 2 * super().kl_divergence()
 
-    layers = [FlexAct() for _ in range(6)] + [Doubled(), FlexAct(candidates=["relu", "tanh"]),
-                                              FlexAct(granularity="channel", num_channels=3)]
+    layers = [FlexAct() for _ in range(6)] + [Doubled(), FlexAct(candidates=["relu", "tanh"])]
+    layers += [FlexAct(granularity="channel", num_channels=3) for _ in range(3)]
     model = nn.Sequential(*layers)
     for layer in layers:
         with torch.no_grad():
@@ -872,6 +872,6 @@ def test_selection_kl_batches_layers_and_matches_the_per_layer_sum() -> None:
             if g is not None and w is not None:
                 torch.testing.assert_close(g, w)
     assert parts[6] > 0 and torch.equal(parts[6], 2 * FlexAct.kl_divergence(layers[6]))
-    # One batched KL for the five active five-candidate layers: fewer kernels than per layer.
+    # One batched KL per logits shape (five-candidate, per-channel): fewer kernels.
     assert kernel_count(lambda: selection_kl(model)) < 0.7 * kernel_count(
         lambda: torch.stack([layer.kl_divergence() for layer in layers]).sum())
