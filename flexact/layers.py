@@ -433,6 +433,7 @@ class FlexAct(nn.Module):
             h = h.unsqueeze(-1)
         w = None if input_weight is None else input_weight.detach().to(dtype)
         norms = []
+        derivatives = []
         for act in self.candidates:
             param = next(act.parameters(), None)
             if param is None or param.dtype == dtype:
@@ -440,8 +441,9 @@ class FlexAct(nn.Module):
             else:  # differentiate a parameterized candidate in its own dtype
                 d = activation_derivative(act, h.to(param.dtype)).to(dtype)
             if channel_dim is None and w is not None:
-                g = (d @ w).norm(dim=-1)  # ∇ₓ Σₒ σ(hₒ) = σ'(h) W, per sample
-            elif channel_dim is None:
+                derivatives.append(d)  # all candidates in one product below
+                continue
+            if channel_dim is None:
                 g = d.flatten(1).norm(dim=1)
             elif w is not None:
                 g = d.abs() * w.norm(dim=1)  # channel c depends on x through row c of W
@@ -449,6 +451,11 @@ class FlexAct(nn.Module):
                 g = d.movedim(channel_dim, 1).reshape(d.shape[0], d.shape[channel_dim], -1)
                 g = g.norm(dim=2)
             norms.append(g.mean() if channel_dim is None else g.reshape(-1, g.shape[-1]).mean(0))
+        if derivatives:  # ∇ₓ Σₒ σ(hₒ) = σ'(h) W per sample, for every candidate at once
+            assert w is not None
+            with torch.autocast(device_type=h.device.type, enabled=False):  # keep float32
+                products = torch.matmul(torch.stack(derivatives), w)  # (p, ..., in)
+            return products.norm(dim=-1).flatten(1).mean(1)
         return torch.stack(norms, dim=-1)
 
     def _pseudo_probabilities(

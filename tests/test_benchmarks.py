@@ -47,11 +47,13 @@ def test_overhead_benchmark_smoke(extra: list[str], capsys: pytest.CaptureFixtur
     rows = _load("overhead").main(["--batch", "2", "--repeats", "1", "--steps", "1",
                                    "--no-write", *extra])
     assert [r["comparison"].split(":")[0] for r in rows] == [
-        "ResNet18", "ResNet18", "ResNet18", "layer alone on (8, 64, 32, 32)"]
+        "ResNet18", "heads alone on (2, 512) features", "ResNet18", "ResNet18",
+        "layer alone on (8, 64, 32, 32)"]
     for row in rows:
         assert row["time_ratio"] > 0 and row["memory_ratio"] >= 1.0
         assert 0 < row["base_kernels"] < row["flexact_kernels"]
-    assert "time ratio" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "time ratio" in out and "Head overhead measured directly" in out
 
 
 def test_pipeline_benchmark_smoke() -> None:
