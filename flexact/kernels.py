@@ -41,10 +41,10 @@ BASIS: tuple[str, ...] = ("relu", "x", "sigmoid", "sigmoid_2x", "one")
 
 _RELU, _X, _SIG, _SIG2, _ONE = range(len(BASIS))
 
-# (device, dtype, rows) -> (coefficients C (p, 5), squared-norm coefficients Q (4, p)), so
-# that a training step never copies these small constants from the host again.
+# (device, dtype, rows) -> (coefficients C (p, 5), squared-norm coefficients Q (4, p), used
+# bases), so that a training step never copies these small constants from the host again.
 _CONSTANTS: dict[tuple[torch.device, torch.dtype, tuple[tuple[float, ...], ...]],
-                 tuple[Tensor, Tensor]] = {}
+                 tuple[Tensor, Tensor, tuple[bool, ...]]] = {}
 
 
 def basis_row(module: nn.Module) -> tuple[float, float, float, float, float] | None:
@@ -79,15 +79,20 @@ def basis_rows(candidates: Sequence[nn.Module]) -> tuple[tuple[float, ...], ...]
 
 
 def _constants(rows: tuple[tuple[float, ...], ...], device: torch.device,
-               dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(C, Q)`` for these candidate rows on ``device`` in ``dtype`` (float32 or float64)."""
+               dtype: torch.dtype) -> tuple[Tensor, Tensor, tuple[bool, ...]]:
+    """``(C, Q, used)`` for these candidate rows.
+
+    ``C`` and ``Q`` on ``device`` in ``dtype`` (float32 or float64); ``used[k]``: whether any
+    candidate needs basis ``k``.
+    """
     key = (device, dtype, rows)
     if key not in _CONSTANTS:
         # Never inference tensors: a first call under torch.inference_mode (a sanity-check
         # validation) must not leave constants that training cannot save for backward.
         with torch.inference_mode(False):
             coefficients, squares = _build_constants(rows)
-            _CONSTANTS[key] = (coefficients.to(device, dtype), squares.to(device, dtype))
+            used = tuple(any(row[k] != 0.0 for row in rows) for k in range(len(BASIS)))
+            _CONSTANTS[key] = (coefficients.to(device, dtype), squares.to(device, dtype), used)
     return _CONSTANTS[key]
 
 
@@ -245,7 +250,7 @@ def _mixture_backward(
     x: Tensor,
     grad_out: Tensor,
     beta: Tensor,
-    weights: Tensor,
+    weights_dtype: torch.dtype,
     coefficients: Tensor,
     used: tuple[bool, ...],
     channel_dim: int | None,
@@ -291,7 +296,7 @@ def _mixture_backward(
             parts = [zero if p is None else p for p in parts]
         grad_beta = torch.stack(parts, dim=-1)  # type: ignore[arg-type]
         grad_w = (grad_beta.unsqueeze(-2) * coefficients.to(grad_beta.dtype)).sum(-1)
-        grad_w = grad_w.to(weights.dtype)
+        grad_w = grad_w.to(weights_dtype)
     return grad_x, grad_w
 
 
@@ -313,7 +318,8 @@ class _ClosedFormMixture(torch.autograd.Function):
         beta = _mix(weights, coefficients)
         ctx.used, ctx.channel_dim, ctx.input_dtype = used, channel_dim, x.dtype
         compact = save_dtype is not None and save_dtype != x.dtype
-        ctx.save_for_backward(x.to(save_dtype) if compact else x, weights, coefficients, beta)
+        ctx.weights_dtype = weights.dtype
+        ctx.save_for_backward(x.to(save_dtype) if compact else x, coefficients, beta)
         out, norms = _mixture_forward(x.to(_compute_dtype(x)), beta, squares, used, channel_dim,
                                       want_norms)
         ctx.mark_non_differentiable(norms)
@@ -329,10 +335,10 @@ class _ClosedFormMixture(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weights, coefficients, beta = ctx.saved_tensors
+        x, coefficients, beta = ctx.saved_tensors
         dtype = _compute_dtype(grad_out)
         grad_x, grad_w = _mixture_backward(
-            x.to(dtype), grad_out.to(dtype), beta, weights, coefficients, ctx.used,
+            x.to(dtype), grad_out.to(dtype), beta, ctx.weights_dtype, coefficients, ctx.used,
             ctx.channel_dim, ctx.needs_input_grad[1])
         grad_x = grad_x.to(ctx.input_dtype) if ctx.needs_input_grad[0] else None
         return grad_x, grad_w, *([None] * 6)
@@ -392,7 +398,8 @@ class _BatchNormMixture(torch.autograd.Function):
         ctx.used, ctx.channel_dim, ctx.eps = used, channel_dim, eps
         ctx.has_gamma, ctx.has_shift = gamma is not None, shift is not None
         ctx.has_residual = residual is not None
-        ctx.save_for_backward(z, residual, gamma, shift, weights, coefficients, beta, mean,
+        ctx.weights_dtype = weights.dtype
+        ctx.save_for_backward(z, residual, gamma, shift, coefficients, beta, mean,
                               invstd)
         ctx.mark_non_differentiable(norms)
         return out, norms
@@ -409,7 +416,7 @@ class _BatchNormMixture(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        z, residual, gamma, shift, weights, coefficients, beta, mean, invstd = ctx.saved_tensors
+        z, residual, gamma, shift, coefficients, beta, mean, invstd = ctx.saved_tensors
         input_dtype, residual_dtype = z.dtype, None if residual is None else residual.dtype
         dtype = _compute_dtype(z)
         stat_gamma = gamma
@@ -423,8 +430,9 @@ class _BatchNormMixture(torch.autograd.Function):
         bias = mean * -scale if shift is None else torch.addcmul(shift.to(invstd.dtype), mean,
                                                                  scale, value=-1)
         x = _affine(z, scale, bias, residual)
-        grad_x, grad_w = _mixture_backward(x, grad_out.to(dtype), beta, weights, coefficients,
-                                           ctx.used, ctx.channel_dim, ctx.needs_input_grad[8])
+        grad_x, grad_w = _mixture_backward(x, grad_out.to(dtype), beta, ctx.weights_dtype,
+                                           coefficients, ctx.used, ctx.channel_dim,
+                                           ctx.needs_input_grad[8])
         del x
         grad_residual = None
         if ctx.has_residual and ctx.needs_input_grad[3]:
@@ -481,16 +489,17 @@ def closed_form_mixture(
         channel_dim: Non-negative channel dimension of ``x`` for per-channel weights.
         save_dtype: Keep ``x`` for backward in this dtype.
         want_norms: Also return the batch-mean gradient norm ḡ of every candidate w.r.t. ``x``
-            (``(p,)``, or ``(C, p)`` per channel); needs a batch dimension (``x.dim() ≥ 2``).
+            (``(p,)``, or ``(C, p)`` per channel); ``None`` for an input without a batch
+            dimension (``x.dim() < 2``).
 
     Returns:
         ``(output, ḡ or None)``, or ``None`` when the general path must be taken.
     """
     rows = basis_rows(candidates)
-    if rows is None or (want_norms and x.dim() < 2):
+    if rows is None:
         return None
-    coefficients, squares = _constants(rows, x.device, _accumulation_dtype(weights))
-    used = tuple(any(row[k] != 0.0 for row in rows) for k in range(len(BASIS)))
+    want_norms = want_norms and x.dim() >= 2  # ḡ needs a batch dimension
+    coefficients, squares, used = _constants(rows, x.device, _accumulation_dtype(weights))
     out, norms = _ClosedFormMixture.apply(
         x, weights, coefficients, squares, used, channel_dim, save_dtype, want_norms
     )
@@ -532,34 +541,30 @@ def batchnorm_mixture(
     norm: nn.Module,
     residual: Tensor | None,
     weights: Tensor,
-    candidates: Sequence[nn.Module],
+    rows: tuple[tuple[float, ...], ...],
     channel_dim: int | None = None,
     want_norms: bool = False,
-) -> tuple[Tensor, Tensor | None] | None:
+) -> tuple[Tensor, Tensor | None]:
     """``mixture(norm(z) + residual)`` for a batch norm in training, without keeping its output.
 
-    Updates ``norm``'s running statistics as ``norm(z)`` would.
+    Updates ``norm``'s running statistics as ``norm(z)`` would. Call it only where
+    :func:`fusable_batchnorm` is true and :func:`basis_rows` gives ``rows``; elsewhere apply the
+    modules one after the other (:meth:`flexact.FlexAct.forward_batchnorm` does both).
 
     Args:
         z: Input of the batch norm, channels in dimension 1.
         norm: An ``nn.BatchNorm1d/2d/3d`` in training mode (exactly those classes).
         residual: Added after the batch norm (a residual connection), or ``None``.
         weights: Mixture weights, ``(p,)`` or ``(C, p)`` for channels along dimension 1.
-        candidates: The candidate modules.
+        rows: ``basis_rows`` of the candidates.
         channel_dim: 1 for per-channel weights, ``None`` for one weight vector.
         want_norms: Also return the candidates' batch-mean gradient norms ḡ.
 
     Returns:
-        ``(output, ḡ or None)``, or ``None`` if this path does not apply (another norm class,
-        eval mode, candidates without a closed form, per-channel weights along another
-        dimension): then apply the modules one after the other.
+        ``(output, ḡ or None)``.
     """
-    rows = basis_rows(candidates)
-    if rows is None or not fusable_batchnorm(z, norm, channel_dim, residual):
-        return None
     assert isinstance(norm, nn.modules.batchnorm._BatchNorm)
-    coefficients, squares = _constants(rows, z.device, _accumulation_dtype(weights))
-    used = tuple(any(row[k] != 0.0 for row in rows) for k in range(len(BASIS)))
+    coefficients, squares, used = _constants(rows, z.device, _accumulation_dtype(weights))
     # Running statistics exactly as nn.BatchNorm's forward updates them.
     momentum = 0.0 if norm.momentum is None else norm.momentum
     if norm.track_running_stats and norm.num_batches_tracked is not None:

@@ -22,6 +22,7 @@ from flexact.activations import (
 )
 from flexact.errors import ConfigError
 from flexact.kernels import (
+    _column,
     basis_rows,
     batchnorm_mixture,
     closed_form_mixture,
@@ -36,15 +37,6 @@ Mode = Literal["gumbel", "blend"]
 
 _U_MIN = torch.finfo(torch.float32).tiny
 _U_MAX = 1.0 - torch.finfo(torch.float32).eps
-
-
-def _column(weights: Tensor, j: int, x: Tensor, channel_dim: int | None) -> Tensor:
-    """Weight of candidate ``j``, shaped to broadcast against ``x`` and cast to its dtype."""
-    if channel_dim is None:
-        return weights[j].to(x.dtype)
-    shape = [1] * x.dim()
-    shape[channel_dim] = -1
-    return weights[:, j].to(x.dtype).reshape(shape)
 
 
 def _reduce_to_weight(t: Tensor, channel_dim: int | None) -> Tensor:
@@ -133,6 +125,17 @@ def mixture(
     closed = closed_form_mixture(x, weights, candidates, channel_dim, save_dtype)
     if closed is not None:
         return closed[0]
+    return _general_mixture(x, weights, candidates, channel_dim, save_dtype)
+
+
+def _general_mixture(
+    x: Tensor,
+    weights: Tensor,
+    candidates: Sequence[nn.Module],
+    channel_dim: int | None,
+    save_dtype: torch.dtype | None,
+) -> Tensor:
+    """:func:`mixture` for candidates without a closed form (``channel_dim`` non-negative)."""
     free = [j for j, act in enumerate(candidates) if not has_parameters(act)]
     learned = [j for j in range(len(candidates)) if j not in free]
     out: Tensor | None = None
@@ -313,18 +316,19 @@ class FlexAct(nn.Module):
         measure = self.regularize and torch.is_grad_enabled()
         weights = self._training_weights()
         save_dtype = torch.bfloat16 if self.compact_memory else None
-        if input_weight is None:
-            # The closed form measures ḡ from the values its forward computes anyway.
-            closed = closed_form_mixture(x, weights, self.candidates, channel_dim, save_dtype,
-                                         want_norms=measure)
-            if closed is not None:
-                out, norms = closed
-                if norms is not None:
-                    self._targets = self._targets_from_norms(norms, x)
-                return out
-        if measure:
+        # The closed form measures ḡ from the values its forward computes anyway, unless the
+        # norms run through an input weight (METHOD.md eq. 1): then they are measured here.
+        own_norms = measure and input_weight is None
+        closed = closed_form_mixture(x, weights, self.candidates, channel_dim, save_dtype,
+                                     want_norms=own_norms)
+        norms = None if closed is None else closed[1]
+        if norms is not None:
+            self._targets = self._targets_from_norms(norms, x)
+        elif measure:
             self._targets = self._pseudo_probabilities(x, input_weight, channel_dim)
-        return mixture(x, weights, self.candidates, channel_dim, save_dtype)
+        if closed is None:
+            return _general_mixture(x, weights, self.candidates, channel_dim, save_dtype)
+        return closed[0]
 
     def _channel_dim(self, x: Tensor) -> int | None:
         """The input's channel dimension (non-negative) for per-channel layers, else ``None``."""
@@ -364,17 +368,18 @@ class FlexAct(nn.Module):
             The activated tensor.
         """
         channel_dim = self._channel_dim(z)
-        if (self.training and not self.committed and basis_rows(self.candidates) is not None
+        rows = None
+        if (self.training and not self.committed
                 and not (self._forward_hooks or self._forward_pre_hooks)  # they expect a call
                 and fusable_batchnorm(z, norm, channel_dim, residual)):
+            rows = basis_rows(self.candidates)
+        if rows is not None:
             measure = self.regularize and torch.is_grad_enabled()
-            fused = batchnorm_mixture(z, norm, residual, self._training_weights(),
-                                      self.candidates, channel_dim, measure)
-            if fused is not None:
-                out, norms = fused
-                if norms is not None:
-                    self._targets = self._targets_from_norms(norms, z)
-                return out
+            out, norms = batchnorm_mixture(z, norm, residual, self._training_weights(), rows,
+                                           channel_dim, measure)
+            if norms is not None:
+                self._targets = self._targets_from_norms(norms, z)
+            return out
         x = norm(z)
         return self(x if residual is None else x + residual)
 
