@@ -16,14 +16,15 @@ import pytest
 import torch
 import torchvision
 
+from flexact import ConfigError
 from flexact.backbones import LeNet5
 from flexact.cli import build_cli, main
 from flexact.datamodules import CIFAR10DataModule, DatasetError, MNISTDataModule
 from flexact.datamodules._common import file_md5
 from flexact.datamodules._images import TensorBatchLoader, random_crop, random_hflip
-from flexact.datamodules.fake import write_cifar10, write_idx, write_mnist
 from flexact.datamodules.sampling import shard_indices
 from flexact.modules import FlexActClassifier
+from flexact.tools.fake_data import write_cifar10, write_idx, write_mnist
 
 from .conftest import REPO
 
@@ -88,6 +89,43 @@ def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     assert "Traceback" not in err
     (line,) = [x for x in err.splitlines() if x.startswith("flexact: error:")]
     return line
+
+
+# --------------------------------------------------------------------------- shared arguments
+COMMON = ("data_dir", "download", "val_split", "seed", "batch_size", "num_workers", "augment",
+          "on_device")
+
+
+@pytest.mark.parametrize(("name", "own", "augment"), [
+    ("CIFAR10DataModule", ("url", "check_md5"), True),
+    ("MNISTDataModule", ("mirrors", "check_md5"), False),
+])
+def test_image_modules_share_their_arguments_and_the_cli_lists_them_all(
+    name: str, own: tuple[str, ...], augment: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(["fit", "--data.help", name])
+    out = capsys.readouterr().out
+    for argument in (*COMMON, *own):
+        assert f"--data.{argument} " in out
+    assert "Images per batch" in out and "0 is usually fastest" in out  # the shared docstrings
+    assert f"(type: bool, default: {augment})" in out.split("--data.augment", 1)[1]
+    dm = {"CIFAR10DataModule": CIFAR10DataModule, "MNISTDataModule": MNISTDataModule}[name]()
+    assert set(dm.hparams) == {*COMMON, *own} and dm.hparams.augment is augment
+    with pytest.raises(TypeError):
+        type(dm)("data")  # keyword-only: a positional value never lands in the wrong argument
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"batch_size": 0}, "batch_size must be a positive int"),
+    ({"num_workers": -1}, "num_workers must be >= 0"),
+    ({"val_split": 1.0}, "val_split must be a fraction"),
+    ({"on_device": "gpu"}, "on_device must be"),
+])
+def test_bad_image_arguments_are_config_errors(kwargs: dict, message: str) -> None:
+    for cls in (CIFAR10DataModule, MNISTDataModule):
+        with pytest.raises(ConfigError, match=message):
+            cls(**kwargs)
 
 
 # --------------------------------------------------------------------------- CIFAR-10

@@ -4,6 +4,7 @@ import csv
 import json
 import tarfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,12 +13,13 @@ from flexact import ConfigError
 from flexact.backbones import TextCNN
 from flexact.cli import build_cli, main
 from flexact.datamodules import DatasetError, TextDataModule, Vocabulary, load_vectors, tokenize
-from flexact.datamodules.fake import (
+from flexact.datamodules.text import VocabularyConsumer
+from flexact.modules import FlexActClassifier
+from flexact.tools.fake_data import (
     polarity_texts,
     write_review_polarity,
     write_sentence_polarity,
 )
-from flexact.modules import FlexActClassifier
 
 from .conftest import REPO
 from .test_data_images import (  # noqa: F401 (fixtures)
@@ -217,6 +219,57 @@ def test_cli_puts_pretrained_vectors_into_a_frozen_text_cnn(tmp_path: Path) -> N
     optimizer = cli.trainer.optimizers[0]
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert id(backbone.convs[0].weight) in optimized
+
+
+def test_the_text_package_keeps_every_public_name_and_the_class_path() -> None:
+    import flexact.datamodules
+    import flexact.datamodules.text as text
+
+    assert text.TextDataModule is flexact.datamodules.TextDataModule  # configs name either path
+    for name in text.__all__:
+        assert getattr(text, name) is not None
+    assert {"DEFAULT_TOKEN_PATTERN", "POLARITY_URLS", "TextDataModule", "Vocabulary",
+            "load_vectors", "tokenize"} <= set(text.__all__)
+    assert text.tokenize is tokenize and callable(text.tokenize)
+
+
+def test_setup_hands_the_vocabulary_to_the_backbone_only(tmp_path: Path) -> None:
+    write_review_polarity(tmp_path, n_per_class=4)
+    elsewhere = TextCNN(embedding_dim=4, num_filters=2)
+    model = torch.nn.Module()
+    model.backbone = TextCNN(embedding_dim=4, num_filters=2)
+    model.elsewhere = elsewhere  # a set_vocabulary off the backbone is not looked for
+    dm = TextDataModule(data_dir=str(tmp_path), test_split=0.25)
+    dm.trainer = SimpleNamespace(lightning_module=model)  # type: ignore[assignment]
+    dm.setup("fit")
+    assert isinstance(model.backbone, VocabularyConsumer)
+    assert dm.vocab_size is not None and model.backbone.vocab_size == dm.vocab_size
+    assert dm.vectors is None and elsewhere.vocab_size is None
+    dm.setup("test")  # a second setup keeps the embedding
+    assert model.backbone.vocab_size == dm.vocab_size
+
+
+def test_unused_vectors_are_a_warning(tmp_path: Path) -> None:
+    write_review_polarity(tmp_path, n_per_class=4)
+    (tmp_path / "vectors.txt").write_text("movie 1 2\n")
+    model = torch.nn.Module()
+    model.backbone = torch.nn.Identity()
+    dm = TextDataModule(data_dir=str(tmp_path), test_split=0.25, vectors_path="vectors.txt")
+    dm.trainer = SimpleNamespace(lightning_module=model)  # type: ignore[assignment]
+    with pytest.warns(UserWarning, match=r"backbone \(Identity\) has no set_vocabulary"):
+        dm.setup("fit")
+    assert dm.vectors is not None and dm.vectors.shape == (dm.vocab_size, 2)
+
+
+@pytest.mark.parametrize(("kwargs", "name"), [
+    ({"vocab_size": 0}, "vocab_size"), ({"embedding_dim": -3}, "embedding_dim"),
+    ({"num_filters": 0}, "num_filters"), ({"num_filters": 2.5}, "num_filters"),
+])
+def test_text_cnn_sizes_must_be_positive_ints(kwargs: dict, name: str) -> None:
+    with pytest.raises(ConfigError, match=rf"TextCNN's {name} must be a positive int"):
+        TextCNN(**kwargs)
+    with pytest.raises(ConfigError, match="vocab_size must be a positive int"):
+        TextCNN(embedding_dim=4, num_filters=2).set_vocabulary(0)
 
 
 @pytest.mark.usefixtures("one_thread")

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 from typing import Any
 
 import torch
-from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
 from flexact.backbones._activation import build_activation, check_backbone_activation
 from flexact.errors import ConfigError
 
 __all__ = ["TextCNN"]
+
+
+def _check_positive(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, Integral) or value < 1:
+        raise ConfigError(f"TextCNN's {name} must be a positive int, got {value!r}")
 
 
 class TextCNN(nn.Module):
@@ -22,13 +27,14 @@ class TextCNN(nn.Module):
     default); the model's head classifies them.
 
     The embedding is built when the vocabulary is known: from ``vocab_size`` if given, else by
-    :meth:`set_vocabulary`, which :class:`~flexact.datamodules.TextDataModule` calls in its
-    ``setup`` (before the optimizer is created) with its vocabulary size and any pretrained
-    vectors. Loading a state dict also builds it, with the saved shape.
+    :meth:`set_vocabulary`. Under Lightning, :class:`~flexact.datamodules.TextDataModule` calls
+    it from its ``setup`` (before the optimizer is created) on the model's ``backbone``, with its
+    ``vocab_size`` and pretrained ``vectors``; outside Lightning, call it yourself. Loading a
+    state dict also builds it, with the saved shape.
 
     Args:
         vocab_size: Number of token ids (with ``<pad>`` and ``<unk>``); ``null`` to take it from
-            the data module.
+            the data module (which calls :meth:`set_vocabulary`).
         embedding_dim: Size of the word vectors (300 for word2vec GoogleNews).
         filter_sizes: Widths (in tokens) of the convolution filters.
         num_filters: Feature maps per filter width.
@@ -43,10 +49,10 @@ class TextCNN(nn.Module):
 
     def __init__(
         self,
-        vocab_size: PositiveInt | None = None,
-        embedding_dim: PositiveInt = 300,
+        vocab_size: int | None = None,
+        embedding_dim: int = 300,
         filter_sizes: Sequence[int] = (3, 4, 5),
-        num_filters: PositiveInt = 100,
+        num_filters: int = 100,
         activation: str = "relu",
         activation_kwargs: dict[str, Any] | None = None,
         dropout: float = 0.5,
@@ -55,6 +61,8 @@ class TextCNN(nn.Module):
     ) -> None:
         super().__init__()
         check_backbone_activation(activation)
+        for name, value in (("embedding_dim", embedding_dim), ("num_filters", num_filters)):
+            _check_positive(name, value)
         if not filter_sizes or any(k < 1 for k in filter_sizes):
             raise ConfigError(f"filter_sizes must be positive ints, got {list(filter_sizes)}")
         if not 0 <= dropout < 1:
@@ -91,8 +99,10 @@ class TextCNN(nn.Module):
                 uniform(−0.25, 0.25) as in Kim (2014). The ``<pad>`` row is zero either way.
 
         Raises:
-            ConfigError: If the size or the vectors' shape disagree with the model.
+            ConfigError: If the size is not positive, or it or the vectors' shape disagree with
+                the model.
         """
+        _check_positive("vocab_size", vocab_size)
         if self.embedding is not None:
             if self.embedding.num_embeddings != vocab_size:
                 raise ConfigError(

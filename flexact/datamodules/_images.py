@@ -136,7 +136,9 @@ class ImageDataModule(SplitDataModule):
     """Image classification from uint8 tensors, augmented and normalized by the batch.
 
     Subclasses set the class attributes and implement :meth:`download_data`,
-    :meth:`load_split` and :meth:`data_present`.
+    :meth:`load_split` and :meth:`data_present`. The arguments below are every image module's:
+    a subclass's ``__init__`` takes only its own arguments and passes the rest on
+    (``**kwargs``), and the CLI reads both, so ``--data.help`` lists all of them.
 
     Every split is a pair ``(uint8 images (N, C, H, W), int64 labels (N,))`` in
     :attr:`splits`. Training batches come in an order that is a pure function of the run's
@@ -146,17 +148,21 @@ class ImageDataModule(SplitDataModule):
     sees exactly the batches of the uninterrupted run, on or off the device.
 
     Args:
-        data_dir: Folder of the data set's files.
-        download: Fetch the files in ``prepare_data`` when they are missing.
-        val_split: Fraction of the training images held out for validation (seeded); 0
-            validates on the test set.
+        data_dir: Folder that holds (or will hold) the data set's files, in the layout the
+            data module describes.
+        download: Fetch the official files into ``data_dir`` when they are missing (in
+            ``prepare_data``, once per node).
+        val_split: Fraction of the training images held out for validation (drawn with
+            ``seed``); 0 trains on the whole training set and validates on the test set.
         seed: Seed of the validation split; also of the shuffling and the augmentation when
             the run has no seed of its own (``seed_everything``).
-        batch_size: Images per batch.
-        num_workers: DataLoader worker processes.
-        augment: Random crop (and flip, where the data set allows it) for training batches.
-        on_device: Keep the whole data set on the accelerator: ``true``, ``false`` or ``auto``
-            (only when the accelerator is not the CPU).
+        batch_size: Images per batch (per device under DDP).
+        num_workers: DataLoader worker processes (the data are already tensors in memory, so 0
+            is usually fastest).
+        augment: Random crops (and flips, where the data set allows them) for training
+            batches.
+        on_device: Keep the whole data set on the accelerator as uint8 and draw batches there:
+            ``true``, ``false``, or ``auto`` (only when the accelerator is not the CPU).
     """
 
     mean: tuple[float, ...] = (0.5,)

@@ -8,7 +8,6 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import Tensor
 
 from flexact.datamodules._common import (
@@ -17,7 +16,7 @@ from flexact.datamodules._common import (
     missing_message,
     raise_if_missing,
 )
-from flexact.datamodules._images import ImageDataModule, OnDevice
+from flexact.datamodules._images import ImageDataModule
 
 __all__ = ["CIFAR10_MD5", "CIFAR10_URL", "CIFAR10DataModule", "read_cifar_batch"]
 
@@ -115,22 +114,14 @@ class CIFAR10DataModule(ImageDataModule):
     normalized with the training set's channel statistics. Augmentation runs on the device in
     ``on_after_batch_transfer``.
 
+    Takes the arguments of :class:`~flexact.datamodules.ImageDataModule` (``data_dir``,
+    ``download``, ``val_split``, ``seed``, ``batch_size``, ``num_workers``, ``augment``: random
+    crop and flip, ``on_device``) and its own:
+
     Args:
-        data_dir: Folder that holds (or will hold) ``cifar-10-batches-py``.
-        download: Fetch and extract the official archive into ``data_dir`` when the files are
-            missing (in ``prepare_data``, once per node).
-        val_split: Fraction of the training images held out for validation; 0 trains on all
-            50 000 and validates on the test set.
-        seed: Seed of the validation split; also of the shuffling and the augmentation when
-            the run has no seed of its own (``seed_everything``).
-        batch_size: Images per batch.
-        num_workers: DataLoader worker processes (the data are already tensors in memory, so 0
-            is usually fastest).
-        augment: Random crop and flip for training batches.
-        on_device: Keep the whole data set on the accelerator as uint8 and draw batches there:
-            ``true``, ``false``, or ``auto`` (only when the accelerator is not the CPU).
         url: Address of ``cifar-10-python.tar.gz`` (the official one by default; a mirror works).
         check_md5: Verify the downloaded archive against the official MD5.
+        **kwargs: The arguments of :class:`~flexact.datamodules.ImageDataModule`.
     """
 
     mean = (0.4914, 0.4822, 0.4465)
@@ -140,24 +131,11 @@ class CIFAR10DataModule(ImageDataModule):
     num_classes = 10
     dataset_name = "CIFAR-10"
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        val_split: float = 0.1,
-        seed: int = 0,
-        batch_size: PositiveInt = 128,
-        num_workers: NonNegativeInt = 0,
-        augment: bool = True,
-        on_device: OnDevice = "auto",
-        url: str = CIFAR10_URL,
-        check_md5: bool = True,
-    ) -> None:
-        super().__init__(data_dir, download, val_split, seed, batch_size, num_workers, augment,
-                         on_device)
+    def __init__(self, *, url: str = CIFAR10_URL, check_md5: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.url = url
         self.check_md5 = check_md5
-        self.root = Path(data_dir) / FOLDER
+        self.root = Path(self.data_dir) / FOLDER
 
     def _files(self) -> list[Path]:
         return [self.root / name for name in (*TRAIN_FILES, *TEST_FILES, META_FILE)]

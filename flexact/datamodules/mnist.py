@@ -7,11 +7,10 @@ import math
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch import Tensor
 
 from flexact.datamodules._common import (
@@ -21,7 +20,7 @@ from flexact.datamodules._common import (
     missing_message,
     raise_if_missing,
 )
-from flexact.datamodules._images import ImageDataModule, OnDevice
+from flexact.datamodules._images import ImageDataModule
 
 __all__ = ["MNIST_FILES", "MNIST_MIRRORS", "MNISTDataModule", "read_idx"]
 
@@ -92,23 +91,16 @@ class MNISTDataModule(ImageDataModule):
     training set with ``seed``; batches are normalized with the training set's mean and
     standard deviation, on the device.
 
+    Takes the arguments of :class:`~flexact.datamodules.ImageDataModule` (``data_dir``,
+    ``download``, ``val_split``, ``seed``, ``batch_size``, ``num_workers``, ``on_device``) and
+    its own:
+
     Args:
-        data_dir: Folder that holds (or will hold) ``MNIST/raw``.
-        download: Fetch the four official files into ``data_dir`` when missing (in
-            ``prepare_data``, once per node).
-        val_split: Fraction of the training images held out for validation; 0 trains on all
-            60 000 and validates on the test set.
-        seed: Seed of the validation split; also of the shuffling and the augmentation when
-            the run has no seed of its own (``seed_everything``).
-        batch_size: Images per batch.
-        num_workers: DataLoader worker processes (the data are already tensors in memory, so 0
-            is usually fastest).
-        augment: Random crops with 2 pixels of zero padding for training batches (MNIST is
-            usually trained without augmentation).
-        on_device: Keep the whole data set on the accelerator as uint8 and draw batches there:
-            ``true``, ``false``, or ``auto`` (only when the accelerator is not the CPU).
+        augment: Random crops with 2 pixels of zero padding for training batches (off by
+            default: MNIST is usually trained without augmentation).
         mirrors: Base URLs tried in order; each must serve ``<name>.gz`` for the four files.
         check_md5: Verify the downloaded files against the official MD5 checksums.
+        **kwargs: The arguments of :class:`~flexact.datamodules.ImageDataModule`.
     """
 
     mean = (0.1307,)
@@ -118,24 +110,12 @@ class MNISTDataModule(ImageDataModule):
     num_classes = 10
     dataset_name = "MNIST"
 
-    def __init__(
-        self,
-        data_dir: str = "data",
-        download: bool = False,
-        val_split: float = 0.1,
-        seed: int = 0,
-        batch_size: PositiveInt = 128,
-        num_workers: NonNegativeInt = 0,
-        augment: bool = False,
-        on_device: OnDevice = "auto",
-        mirrors: Sequence[str] = MNIST_MIRRORS,
-        check_md5: bool = True,
-    ) -> None:
-        super().__init__(data_dir, download, val_split, seed, batch_size, num_workers, augment,
-                         on_device)
+    def __init__(self, *, augment: bool = False, mirrors: Sequence[str] = MNIST_MIRRORS,
+                 check_md5: bool = True, **kwargs: Any) -> None:
+        super().__init__(augment=augment, **kwargs)
         self.mirrors = [m if m.endswith("/") else m + "/" for m in mirrors]
         self.check_md5 = check_md5
-        self.root = Path(data_dir) / "MNIST" / "raw"
+        self.root = Path(self.data_dir) / "MNIST" / "raw"
 
     def _path(self, name: str) -> Path | None:
         for candidate in (self.root / name, self.root / f"{name}.gz"):
