@@ -1,19 +1,24 @@
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from torch import nn
 
-from flexact import ConfigError
+from flexact import ConfigError, FlexAct
 from flexact.callbacks import (
     SelectionCommit,
     SelectionLogger,
+    SelectionMetrics,
     TemperatureAnnealing,
     temperature_at,
 )
@@ -49,8 +54,28 @@ def test_bad_annealing_arguments() -> None:
         TemperatureAnnealing(interval="batch")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="warmup < total"):
         TemperatureAnnealing(warmup=10, total=5)
-    with pytest.raises(ValueError, match="every_n_steps"):
-        SelectionLogger(every_n_steps=0)
+
+
+@pytest.mark.parametrize(("make", "match"), [
+    (lambda: SelectionLogger(every_n_steps=0), "every_n_steps must be a positive int"),
+    (lambda: SelectionLogger(every_n_steps=2.5), "every_n_steps must be a positive int"),
+    (lambda: SelectionLogger(every_n_steps=True), "every_n_steps must be a positive int"),
+    (lambda: SelectionLogger(log_entropy="yes"), "log_entropy must be true or false"),
+    (lambda: SelectionLogger(plots=1), "plots must be true or false"),
+    (lambda: SelectionLogger(heatmap=None), "heatmap must be true or false"),
+    (lambda: SelectionLogger(filename=""), "filename must be a non-empty file name"),
+    (lambda: SelectionLogger(history_filename=None), "history_filename must be a non-empty"),
+    (lambda: SelectionLogger(filename="s.csv", history_filename="s.csv"), "must differ"),
+    (lambda: SelectionMetrics(every_n_steps=-3), "SelectionMetrics every_n_steps"),
+    (lambda: SelectionCommit(at=1.5), "fraction"),
+    (lambda: SelectionCommit(at=True), "fraction"),
+    (lambda: SelectionCommit(interval="batch"), "interval must be 'step' or 'epoch'"),
+    (lambda: SelectionCommit(total=0), "total must be a positive int"),
+])
+def test_bad_selection_arguments_raise_config_error(make: Callable[[], object],
+                                                    match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        make()
 
 
 def _fit(tmp_path: Path, callbacks: list[L.Callback], **trainer_kwargs: object) -> L.Trainer:
@@ -69,8 +94,6 @@ def _fit(tmp_path: Path, callbacks: list[L.Callback], **trainer_kwargs: object) 
 
 
 def _csv_rows(trainer: L.Trainer) -> list[dict[str, str]]:
-    import csv
-
     assert trainer.log_dir is not None
     with open(Path(trainer.log_dir) / "metrics.csv") as handle:
         return list(csv.DictReader(handle))
@@ -126,7 +149,7 @@ def test_selection_logger_logs_every_candidate_and_writes_json(
 def test_selection_logger_channel_layers_and_no_logger(tmp_path: Path) -> None:
     L.seed_everything(0)
     dm = SyntheticDataModule(n_train=64, n_val=32, batch_size=32)
-    model = FlexActRegressor(in_features=4, hidden_features=6, granularity="channel")
+    model = FlexActRegressor(in_features=4, hidden_features=6, flexact={"granularity": "channel"})
     logger = SelectionLogger(every_n_steps=1)
     trainer = L.Trainer(default_root_dir=tmp_path, logger=False, max_epochs=1,
                         callbacks=[logger], enable_progress_bar=False,
@@ -136,6 +159,31 @@ def test_selection_logger_channel_layers_and_no_logger(tmp_path: Path) -> None:
     assert sum(entry["pick_counts"].values()) == 6
     assert (tmp_path / "selection.json").exists()
     assert torch.isfinite(torch.tensor(entry["probabilities"])).all()
+
+
+def test_selection_logger_reads_tau_once_per_record(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    reads: list[float] = []
+    tau = FlexAct.tau
+
+    def counted(layer: FlexAct) -> float:
+        value = tau.fget(layer)  # type: ignore[misc]
+        reads.append(value)
+        return value
+
+    monkeypatch.setattr(FlexAct, "tau", property(counted, tau.fset))
+    L.seed_everything(0)
+    backbone = nn.Sequential(nn.Linear(4, 6), FlexAct())  # two FlexAct layers with the head
+    model = FlexActRegressor(backbone=backbone, in_features=6, hidden_features=3)
+    logger = SelectionLogger(every_n_steps=1)
+    trainer = L.Trainer(default_root_dir=tmp_path, logger=CSVLogger(tmp_path), max_epochs=2,
+                        callbacks=[logger], enable_progress_bar=False,
+                        enable_checkpointing=False, enable_model_summary=False)
+    trainer.fit(model, SyntheticDataModule(n_train=128, n_val=32, batch_size=32))
+    assert len(logger.summary) == 2
+    steps = [row["step"] for row in logger.history]
+    assert sorted(set(steps)) == list(range(9))  # the start and 2 × 4 steps
+    assert len(reads) == 9  # once per record: not per layer, not again at epoch or fit end
 
 
 def test_selection_commit_fixes_the_pick_after_the_fraction(tmp_path: Path) -> None:
@@ -159,5 +207,44 @@ def test_selection_commit_fixes_the_pick_after_the_fraction(tmp_path: Path) -> N
     picked = layer.candidates[layer.candidate_names.index(layer.selected()[0])]
     assert torch.equal(layer(h), picked(h))  # training forward = exactly the pick
     assert commit.state_dict()["committed"] is True
-    with pytest.raises(ConfigError, match="fraction"):
-        SelectionCommit(at=1.5)
+
+
+def test_selection_commit_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    commit = SelectionCommit(at=0.5)
+    trainer = _fit(tmp_path, [commit])  # 2 epochs × 8 steps: commits at step 8
+    assert commit.committed and commit.committed_at == 8
+    trainer.save_checkpoint(tmp_path / "end.ckpt")
+    saved = torch.load(tmp_path / "end.ckpt", weights_only=True)["callbacks"]
+    fresh = SelectionCommit(at=0.5)
+    assert fresh.state_key == commit.state_key != SelectionCommit(at=0.25).state_key
+    assert not fresh.committed and fresh.committed_at is None
+    fresh.load_state_dict(saved[fresh.state_key])
+    assert (fresh.committed, fresh.committed_at) == (True, 8)
+    assert fresh.state_dict() == commit.state_dict()
+    old = SelectionCommit(at=0.5)
+    old.load_state_dict({"committed": True, "at": 0.5})  # a checkpoint from before committed_at
+    assert (old.committed, old.committed_at) == (True, None)
+
+
+def test_selection_history_csv_is_appended_not_rewritten(tmp_path: Path) -> None:
+    class Spy(L.Callback):
+        """After the logger's epoch end: the CSV's bytes and inode."""
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[bytes, int]] = []
+
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            path = Path(trainer.log_dir or "") / "selection_history.csv"
+            self.seen.append((path.read_bytes(), os.stat(path).st_ino))
+
+    logger, spy = SelectionLogger(every_n_steps=3), Spy()
+    trainer = _fit(tmp_path, [logger, spy], max_epochs=3)
+    path = Path(trainer.log_dir or "") / "selection_history.csv"
+    assert len(spy.seen) == 3
+    for (before, inode), (after, later_inode) in itertools.pairwise(spy.seen):
+        assert len(after) > len(before) and after.startswith(before)  # earlier bytes unchanged
+        assert later_inode == inode  # the same file, appended to (not replaced)
+    assert (path.read_bytes(), os.stat(path).st_ino) == spy.seen[-1]  # nothing new at fit end
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows == [{k: str(v) for k, v in row.items()} for row in logger.history]

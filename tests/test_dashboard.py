@@ -13,17 +13,19 @@ from pathlib import Path
 import lightning as L
 import matplotlib.pyplot as plt
 import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
 
 from flexact import FlexAct
-from flexact.callbacks import SelectionLogger, TemperatureAnnealing
+from flexact.callbacks import RNGState, SelectionLogger, TemperatureAnnealing
 from flexact.cli import main
 from flexact.datamodules import SyntheticDataModule
 from flexact.modules import FlexActRegressor
-from flexact.plot import plot_layer, read_history
+from flexact.tools.plot import plot_layer, read_history
 
 CANDIDATES = ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]
 
@@ -119,6 +121,70 @@ def test_plot_lines_and_overlay_command(run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["plot", str(tmp_path / "missing.csv")])
     assert exit_info.value.code == 2
+
+
+def _synthetic_run(root: Path, ckpt_path: Path | None = None) -> Path:
+    """3 epochs of 5 steps with TensorBoard, selection recorded every 2 steps, checkpoints
+    every 3 steps and after every epoch; returns the run's log directory."""
+    L.seed_everything(0)
+    step_checkpoints = ModelCheckpoint(dirpath=root / "steps", filename="{step}",
+                                       every_n_train_steps=3, save_top_k=-1)
+    epoch_checkpoints = ModelCheckpoint(dirpath=root / "epochs", filename="{epoch}",
+                                        every_n_epochs=1, save_top_k=-1,
+                                        save_on_train_epoch_end=False)  # after validation
+    trainer = L.Trainer(
+        default_root_dir=root, logger=TensorBoardLogger(root, name="run"), max_epochs=3,
+        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=1,
+        callbacks=[RNGState(), TemperatureAnnealing(start=1.0, end=0.2),
+                   SelectionLogger(every_n_steps=2), step_checkpoints, epoch_checkpoints],
+    )
+    model = FlexActRegressor(in_features=4, hidden_features=3)
+    trainer.fit(model, SyntheticDataModule(n_train=160, n_val=32, batch_size=32),
+                ckpt_path=ckpt_path)
+    assert trainer.global_step == 15
+    return Path(trainer.log_dir or "")
+
+
+def _history_rows(log_dir: Path) -> list[dict[str, str]]:
+    with open(log_dir / "selection_history.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def synthetic_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The root of an uninterrupted run of :func:`_synthetic_run`."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    _synthetic_run(root)
+    return root
+
+
+@pytest.mark.parametrize("checkpoint", [
+    "steps/step=3.ckpt",  # mid-epoch, between two records
+    "epochs/epoch=0.ckpt",  # epoch boundary (saved after validation)
+    "steps/step=9.ckpt",  # mid-epoch, in the second epoch
+    "steps/step=15.ckpt",  # the end: nothing left to train
+])
+def test_resumed_run_history_covers_the_whole_run(synthetic_run: Path, tmp_path: Path,
+                                                  checkpoint: str) -> None:
+    (full_dir,) = (synthetic_run / "run").iterdir()
+    full = _history_rows(full_dir)
+    steps = sorted({int(r["step"]) for r in full})
+    assert steps == [0, 2, 4, 5, 6, 8, 10, 12, 14, 15]  # every 2 steps and every epoch end
+    saved = torch.load(synthetic_run / checkpoint, weights_only=True)["callbacks"]
+    (state,) = [v for k, v in saved.items() if k.startswith("SelectionLogger")]
+    saved_step = int(checkpoint.split("=")[1][:-5]) if "step" in checkpoint else 5
+    # The checkpoint holds the history so far, the epoch end's record included.
+    assert state["history"]["step"][-1] == max(s for s in steps if s <= saved_step)
+    resumed_dir = _synthetic_run(tmp_path, ckpt_path=synthetic_run / checkpoint)
+    resumed = _history_rows(resumed_dir)
+    assert resumed == full  # same rows, restored ones first
+    assert int(resumed[0]["step"]) == 0 < saved_step
+    assert (json.loads((resumed_dir / "selection.json").read_text())
+            == json.loads((full_dir / "selection.json").read_text()))
+    assert read_history(resumed_dir / "selection_history.csv").series == read_history(
+        full_dir / "selection_history.csv").series  # the PNGs plot the whole run
+    assert sorted(p.name for p in resumed_dir.glob("*.png")) == ["selection_head.flexact.png"]
 
 
 def _free_port() -> int:

@@ -3,7 +3,9 @@
 from flexact.callbacks.commit import SelectionCommit
 from flexact.callbacks.finite_guard import FiniteGuard, NonFiniteLossError
 from flexact.callbacks.rng import RNGState
-from flexact.callbacks.selection_logger import SelectionLogger, selection_summary
+from flexact.callbacks.selection_logger import SelectionLogger
+from flexact.callbacks.selection_metrics import SelectionMetrics
+from flexact.callbacks.selection_summary import selection_summary
 from flexact.callbacks.temperature import TemperatureAnnealing, temperature_at
 
 __all__ = [
@@ -11,4 +13,9 @@ __all__ = [
     "NonFiniteLossError",
     "RNGState",
     "SelectionCommit",
-    "SelectionLogger", "TemperatureAnnealing", "selection_summary", "temperature_at"]
+    "SelectionLogger",
+    "SelectionMetrics",
+    "TemperatureAnnealing",
+    "selection_summary",
+    "temperature_at",
+]

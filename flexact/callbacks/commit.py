@@ -8,9 +8,10 @@ import lightning as L
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
+from flexact.callbacks._checks import check_positive_int
 from flexact.callbacks.progress import progress_position, run_length
 from flexact.errors import ConfigError
-from flexact.layers import flexact_layers
+from flexact.nn import flexact_layers
 
 __all__ = ["SelectionCommit"]
 
@@ -25,7 +26,7 @@ class SelectionCommit(Callback):
     it from becoming (see benchmarks/RESULTS.md, Table 1). Not part of the paper's method.
 
     The commit is a pure function of the trainer's progress, so resumed and multi-device runs
-    agree.
+    agree. Its state (whether and at which position it committed) is saved in checkpoints.
 
     Args:
         at: Fraction of the run (0–1) after which the layers commit.
@@ -39,21 +40,34 @@ class SelectionCommit(Callback):
         interval: Literal["step", "epoch"] = "step",
         total: PositiveInt | None = None,
     ) -> None:
-        if not (isinstance(at, (int, float)) and 0.0 <= at <= 1.0):
+        if isinstance(at, bool) or not (isinstance(at, (int, float)) and 0.0 <= at <= 1.0):
             raise ConfigError(f"SelectionCommit at must be a fraction in [0, 1], got {at!r}")
         if interval not in ("step", "epoch"):
-            raise ConfigError(f"interval must be 'step' or 'epoch', got {interval!r}")
+            raise ConfigError(f"SelectionCommit interval must be 'step' or 'epoch', "
+                              f"got {interval!r}")
         self.at = float(at)
-        self.interval = interval
-        self.total = total
+        self.interval: Literal["step", "epoch"] = interval
+        self.total = None if total is None else check_positive_int("SelectionCommit", "total",
+                                                                   total)
         self.committed = False
+        self.committed_at: int | None = None
+        """Progress position (steps or epochs, per ``interval``) at which the layers committed."""
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(at=self.at, interval=self.interval)
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, force: bool) -> None:
         total = run_length(trainer, self.interval, self.total, "SelectionCommit")
-        committed = progress_position(trainer, self.interval) >= self.at * total
+        position = progress_position(trainer, self.interval)
+        committed = position >= self.at * total
         if force or committed != self.committed:
             for _, layer in flexact_layers(pl_module):
                 layer.commit(committed)
+        if committed and self.committed_at is None:
+            self.committed_at = position
+        elif not committed:
+            self.committed_at = None
         self.committed = committed
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -65,7 +79,9 @@ class SelectionCommit(Callback):
         self._apply(trainer, pl_module, force=False)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"committed": self.committed, "at": self.at}
+        return {"committed": self.committed, "committed_at": self.committed_at, "at": self.at,
+                "interval": self.interval}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.committed = state_dict.get("committed", self.committed)
+        self.committed_at = state_dict.get("committed_at", self.committed_at)
