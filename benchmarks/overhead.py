@@ -12,7 +12,7 @@ A step is forward, loss (plus α·KL for FlexAct models), backward and an SGD up
 the bytes saved for backward (saved-tensor hooks) on the CPU, and
 ``torch.cuda.max_memory_allocated`` on a GPU. On the CPU the batch is small; on a GPU it is 128
 with bf16 autocast, where kernel-launch overhead dominates. The kernels one eager step runs
-(``flexact.profiling.kernel_count``) predict that launch overhead on any device.
+(``flexact.tools.profiling.kernel_count``) predict that launch overhead on any device.
 
 Usage: ``python benchmarks/overhead.py [--batch 16] [--repeats 10] [--steps 2] [--compile]
 [--bf16] [--no-write]``
@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from flexact import FlexAct, FlexActHead, selection_kl
 from flexact.backbones import cifar_resnet18
-from flexact.profiling import kernel_count, saved_bytes
+from flexact.tools.profiling import kernel_count, saved_bytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # a sibling script, not a package

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from flexact import selection_kl
 from flexact.cli import FlexActCLI
-from flexact.datamodules.fake import write_cifar10
 from flexact.modules import FlexActModule
+from flexact.tools.fake_data import write_cifar10
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # a sibling script, not a package

@@ -27,7 +27,7 @@ class SideBySide(FlexActModule):
         alphas: Weight α of each member's selection KL (0 for none).
         task: ``"mse"`` (outputs ``(B, 1)`` each, targets ``(B, 1)``) or ``"ce"`` (logits
             ``(B, C)`` each, class targets ``(B,)``).
-        **kwargs: Passed to :class:`~flexact.modules.FlexActModule` (optimizer, kl_lambda ...).
+        **kwargs: Passed to :class:`~flexact.modules.FlexActModule` (optimizer, flexact ...).
     """
 
     def __init__(self, members: nn.ModuleList, alphas: Sequence[float],
@@ -38,13 +38,13 @@ class SideBySide(FlexActModule):
         self.alphas = list(alphas)
         self.task = task
         super().__init__(num_outputs=1, in_features=1, **kwargs)
-        for member, alpha in zip(self.members, self.alphas, strict=True):
+        for member, alpha in zip(self.model, self.alphas, strict=True):
             for module in member.modules():
                 if hasattr(module, "regularize"):
                     module.regularize = alpha > 0
 
     def configure_models(self) -> None:
-        self.members = self.__dict__.pop("_pending_members")
+        self.model = self.__dict__.pop("_pending_members")
 
     def configure_losses(self) -> None:
         self.criterion = self._loss
@@ -55,10 +55,10 @@ class SideBySide(FlexActModule):
         return sum(F.cross_entropy(outputs[:, m], targets) for m in range(outputs.shape[1]))
 
     def forward(self, x: Tensor) -> Tensor:
-        outputs = [member(x) for member in self.members]
+        outputs = [member(x) for member in self.model]
         return torch.cat(outputs, dim=1) if self.task == "mse" else torch.stack(outputs, dim=1)
 
     def regularizer(self) -> Tensor | None:
         terms = [alpha * selection_kl(member)
-                 for member, alpha in zip(self.members, self.alphas, strict=True) if alpha > 0]
+                 for member, alpha in zip(self.model, self.alphas, strict=True) if alpha > 0]
         return torch.stack(terms).sum() if terms else None

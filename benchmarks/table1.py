@@ -1,4 +1,4 @@
-"""Reproduce Table 1 of the FlexAct paper (METHOD.md §3.1): synthetic activation recovery.
+"""Reproduce Table 1 of the FlexAct paper (docs/method.md §3.1): synthetic activation recovery.
 
 Five hidden truths × five seeds × seven models (FlexAct α = 0.3, FlexAct α = 0, and the five
 fixed activations). Hyperparameters (epochs, learning rate, τ schedule, λ, data sizes, batch
@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 TRUTHS = ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]
 MODELS = ["FlexAct α=0.3", "FlexAct α=0", *TRUTHS]
 COMMITTED = ["FlexAct α=0.3 + commit", "FlexAct α=0 + commit"]  # with SelectionCommit
-PAPER = {  # METHOD.md Table 1: mean MSE per model (row) and truth (column)
+PAPER = {  # docs/method.md Table 1: mean MSE per model (row) and truth (column)
     "FlexAct α=0.3": [0.0001, 0.0011, 0.0001, 0.0001, 0.0000],
     "FlexAct α=0": [0.0001, 0.0059, 0.0021, 0.0001, 0.0000],
     "relu": [0.0000, 0.0059, 0.4328, 0.0004, 4.1675],
@@ -89,7 +89,7 @@ def run_truth(truth: str, models: list[str], seeds: int, config: dict[str, Any],
     for spec in specs:
         torch.manual_seed(spec["seed"])  # the seed fixes each model's initialization
         heads.append(FlexActHead(data.num_features, 1, candidates=spec["candidates"],
-                                 kl_lambda=model_args["kl_lambda"]))
+                                 kl_lambda=model_args["flexact"]["kl_lambda"]))
     module = SideBySide(nn.ModuleList(heads), [s["alpha"] for s in specs], task="mse",
                         optimizer=lambda params: torch.optim.Adam(params, lr=lr))
     trainer = L.Trainer(
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"total {seconds:.0f} s")
     if not args.no_write:
         write_section(
-            "table1", "Table 1: synthetic recovery (METHOD.md §3.1)", seconds,
+            "table1", "Table 1: synthetic recovery (docs/method.md §3.1)", seconds,
             "Cells: mean ± std of test MSE over seeds (the paper's mean in parentheses); FlexAct "
             "is evaluated in eval mode, i.e. with exactly its picked activation.\n\n" + text,
         )

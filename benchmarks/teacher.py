@@ -1,4 +1,4 @@
-"""Fixed, adaptive and FlexAct students on teacher-network data (METHOD.md §4, issue 7).
+"""Fixed, adaptive and FlexAct students on teacher-network data (docs/method.md §4, issue 7).
 
 Data: ``TeacherDataModule`` — random teachers with 1 or 8 hidden layers of 10 units, sigmoid or
 ReLU, 10 features, 10 000 binary examples. Students copy the teacher's shape (depth, width 10)
@@ -69,7 +69,7 @@ def run_dataset(depth: int, teacher: str, seeds: int, epochs: int) -> list[dict[
             members.append(student(depth, factory))
             # "mean KL" averages the layers' KL terms (kl_reduction="mean"): α / depth here
             alphas.append(alpha / depth if "mean KL" in name else alpha)
-    module = SideBySide(nn.ModuleList(members), alphas, task="ce", kl_lambda=0.3,
+    module = SideBySide(nn.ModuleList(members), alphas, task="ce", flexact={"kl_lambda": 0.3},
                         optimizer=lambda params: torch.optim.Adam(params, lr=0.01))
     trainer = L.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,

@@ -1,28 +1,40 @@
 """flexact: networks that pick their activation functions while they train.
 
-The top-level package is the pure-PyTorch core (no Lightning import): the :class:`FlexAct`
-layer, :class:`FlexActHead`, the bias-correcting regularizer :func:`selection_kl`, and the
+The top-level package is the pure-PyTorch core (:mod:`flexact.nn`, no Lightning import): the
+:class:`FlexAct` layer and its settings :class:`FlexActSpec`, :class:`FlexActHead`,
+:class:`FlexActNetwork`, the bias-correcting regularizer :func:`selection_kl`, and the
 candidate registry. The Lightning layer lives in ``flexact.modules``, ``flexact.callbacks``,
-``flexact.datamodules`` and ``flexact.cli``.
+``flexact.datamodules`` and ``flexact.cli``; tools in ``flexact.tools``.
 """
 
-from flexact.activations import (
-    PAPER_CANDIDATES,
-    available_activations,
-    get_activation,
-    register_activation,
-)
 from flexact.errors import ConfigError
-from flexact.layers import FlexAct, FlexActHead, flexact_layers, mixture, selection_kl
-from flexact.surgery import freeze_selection, swap_activations
+from flexact.nn import (
+    PAPER_CANDIDATES,
+    Candidate,
+    FlexAct,
+    FlexActHead,
+    FlexActNetwork,
+    FlexActSpec,
+    available_activations,
+    flexact_layers,
+    freeze_selection,
+    get_activation,
+    mixture,
+    register_activation,
+    selection_kl,
+    swap_activations,
+)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "PAPER_CANDIDATES",
+    "Candidate",
     "ConfigError",
     "FlexAct",
     "FlexActHead",
+    "FlexActNetwork",
+    "FlexActSpec",
     "__version__",
     "available_activations",
     "flexact_layers",

@@ -1,4 +1,4 @@
-"""Tests for the candidate registry and the activation modules (flexact.activations)."""
+"""Tests for the candidate registry and the activation modules (flexact.nn.activations)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from torch import Tensor, nn
 
 import flexact
 from flexact import ConfigError, FlexAct, available_activations, get_activation
-from flexact.activations import _REGISTRY, activation_derivative, register_activation
+from flexact.nn.activations import activation_derivative, register_activation
+from flexact.nn.registry import _REGISTRY
 
 from .conftest import OTHER_BUILTINS, PAPER_FIVE
 

@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 from flexact import ConfigError, FlexAct, flexact_layers, selection_kl
-from flexact.activations import AdaptiveGumbel
 from flexact.backbones import MLP, CifarResNet, LeNet5, TextCNN, cifar_resnet18, cifar_resnet34
 from flexact.modules import FlexActClassifier
+from flexact.nn.activations import AdaptiveGumbel
 
 
 def _count(model: nn.Module, kind: type) -> int:
@@ -143,7 +143,7 @@ def test_flexact_classifier_reads_out_features_and_regularizes_backbone_sites(ba
     model.train()
     loss = nn.functional.cross_entropy(model(x), y) + selection_kl(model)
     loss.backward()
-    layers = dict(flexact_layers(model))
+    layers = dict(flexact_layers(model.model))
     assert "head.flexact" in layers
     if isinstance(backbone, LeNet5):
         assert len(layers) == 4  # two conv sites, the hidden FC site, the head

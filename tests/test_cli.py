@@ -38,7 +38,7 @@ def test_every_config_parses_and_every_key_is_commented(
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data folder with tiny CIFAR-10, MNIST and review polarity sets in the real formats."""
-    from flexact.datamodules.fake import write_cifar10, write_mnist, write_review_polarity
+    from flexact.tools.fake_data import write_cifar10, write_mnist, write_review_polarity
 
     root = tmp_path_factory.mktemp("tiny_data")
     write_cifar10(root, n_train_per_class=1, n_test_per_class=1)
@@ -49,7 +49,11 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _tiny_data_overrides(config: Path, data_dir: Path) -> list[str]:
     """Point a config that reads real data (it has data.init_args.data_dir) at the tiny sets."""
-    init_args = (yaml.safe_load(config.read_text()).get("data") or {}).get("init_args") or {}
+    data = yaml.safe_load(config.read_text())
+    while "data" not in data and "extends" in data:  # the data section of the base config
+        config = config.parent / data["extends"]
+        data = yaml.safe_load(config.read_text())
+    init_args = (data.get("data") or {}).get("init_args") or {}
     if "data_dir" not in init_args:
         return []
     overrides = ["--data.data_dir", str(data_dir), "--data.download", "false",
@@ -99,13 +103,13 @@ def test_data_sizes_link_into_the_model(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        (["--model.candidates", "[relu,swishy]"], "unknown activation 'swishy'"),
+        (["--model.flexact.candidates", "[relu,swishy]"], "unknown activation 'swishy'"),
         (["--data.truth", "softsign"], "unknown activation 'softsign'"),
-        (["--model.candidates", "[relu,relu]"], "duplicate candidates"),
-        (["--model.tau", "0"], 'key "tau"'),
-        (["--model.tau", "-1"], "does not conform to restriction v>0"),
+        (["--model.flexact.candidates", "[relu,relu]"], "duplicate candidates"),
+        (["--model.flexact.tau", "0"], "tau must be a finite number > 0, got 0"),
+        (["--model.flexact.tau", "-1"], "tau must be a finite number > 0, got -1"),
         (["--model.alpha", "-0.1"], 'key "alpha"'),
-        (["--model.granularity", "pixel"], 'key "granularity"'),
+        (["--model.flexact.granularity", "pixel"], "'layer', 'channel'"),
     ],
 )
 def test_bad_cli_input_fails_with_a_clear_message(

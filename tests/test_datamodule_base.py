@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flexact.datamodules import CIFAR10DataModule, SyntheticDataModule, TextDataModule
 from flexact.datamodules.base import SplitDataModule
-from flexact.datamodules.fake import write_cifar10, write_sentence_polarity
 from flexact.datamodules.sampling import EpochRandomSampler, ResumableDataLoader, shard_indices
 from flexact.datamodules.teacher import TeacherDataModule
+from flexact.tools.fake_data import write_cifar10, write_sentence_polarity
 
 Factory = Callable[[Path], SplitDataModule]
 

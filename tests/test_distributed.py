@@ -16,7 +16,7 @@ from torch.utils.data import DistributedSampler, TensorDataset
 
 from flexact import FlexAct
 from flexact.datamodules.sampling import EpochRandomSampler, ResumableDataLoader, shard_indices
-from flexact.layers import flexact_layers
+from flexact.nn import flexact_layers
 
 from .conftest import REPO
 

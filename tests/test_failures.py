@@ -18,8 +18,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from flexact import ConfigError, FlexAct
 from flexact.callbacks import FiniteGuard, NonFiniteLossError
-from flexact.checkpoint import AtomicCheckpointIO, use_atomic_checkpoints
 from flexact.cli import build_cli, main
+from flexact.cli.checkpoint import AtomicCheckpointIO, use_atomic_checkpoints
 from flexact.datamodules import SyntheticDataModule
 from flexact.modules import FlexActRegressor
 
@@ -65,7 +65,7 @@ def test_high_learning_rate_names_step_and_cause_and_keeps_last_checkpoint(
 ) -> None:
     # Plain SGD at lr 10 on linear regression: the loss overflows in the third epoch.
     code, line = _cli_error(["fit", *_common(tmp_path), "--trainer.max_epochs", "4",
-                             "--model.candidates", "[identity]",
+                             "--model.flexact.candidates", "[identity]",
                              "--model.optimizer", "torch.optim.SGD",
                              "--model.optimizer.lr", "10"], capsys)
     assert code == 1
@@ -87,7 +87,7 @@ def test_tiny_tau_is_named_as_the_first_cause(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     # 1/τ overflows float32: the Gumbel-Softmax scores are infinite at the first step.
     code, line = _cli_error(["fit", *_common(tmp_path), "--trainer.callbacks", "null",
-                             "--model.tau", "1e-40"], capsys)
+                             "--model.flexact.tau", "1e-40"], capsys)
     assert code == 1
     assert "at step 0 (epoch 0, batch 0)" in line
     assert line.index("τ too small (τ = 1e-40") < line.index("learning rate too high")
@@ -174,7 +174,7 @@ def test_checkpoint_with_other_candidates_is_a_clear_error(
     trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
     code, line = _cli_error([command, *_common(tmp_path), "--ckpt_path", str(trained),
-                             "--model.candidates", "[relu,tanh,sigmoid,identity,leaky_relu]"],
+                             "--model.flexact.candidates", "[relu,tanh,sigmoid,identity,leaky_relu]"],
                             capsys)
     assert code == 2
     assert str(trained) in line
@@ -186,12 +186,13 @@ def test_checkpoint_with_other_candidates_is_a_clear_error(
 def test_trainer_resume_with_other_candidates_names_the_layer(trained: Path,
                                                               tmp_path: Path) -> None:
     """Without the CLI (or for layers the hyper-parameters do not describe): the state dict."""
-    model = FlexActRegressor(in_features=4, candidates=["relu", "tanh", "sigmoid", "identity",
-                                                        "leaky_relu"])
+    model = FlexActRegressor(in_features=4, flexact={"candidates": [
+        "relu", "tanh", "sigmoid", "identity", "leaky_relu"]})
     trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=2, logger=False,
                         enable_progress_bar=False)
-    with pytest.raises(ConfigError, match=r"FlexAct layer 'head\.flexact': the checkpoint was "
-                                          r"trained with candidates \['relu', 'sigmoid'"):
+    with pytest.raises(ConfigError, match=r"FlexAct layer 'model\.head\.flexact': the "
+                                          r"checkpoint was trained with candidates "
+                                          r"\['relu', 'sigmoid'"):
         trainer.fit(model, SyntheticDataModule(n_train=160, batch_size=32), ckpt_path=trained)
 
 
@@ -211,7 +212,7 @@ def test_layer_checks_candidates_and_loads_old_state_dicts() -> None:
 
 def test_checkpoint_without_candidate_names_still_resumes(trained: Path, tmp_path: Path) -> None:
     checkpoint = torch.load(trained, weights_only=True)
-    del checkpoint["state_dict"]["head.flexact._extra_state"]
+    del checkpoint["state_dict"]["model.head.flexact._extra_state"]
     old = tmp_path / "old.ckpt"
     torch.save(checkpoint, old)
     cli = build_cli(["fit", *_common(tmp_path), "--trainer.max_epochs", "2",
@@ -255,7 +256,7 @@ def test_checkpoint_write_interrupted_by_an_error_keeps_the_old_one(
 
 _KILLED_WRITER = """
 import os, sys, torch
-from flexact.checkpoint import AtomicCheckpointIO
+from flexact.cli.checkpoint import AtomicCheckpointIO
 real_save = torch.save
 def dying_save(obj, handle):
     real_save(obj, handle)
@@ -311,10 +312,10 @@ trainer:
     (["--data.noise", "-0.5"], "noise"),
     (["--data.num_workers", "-1"], "num_workers"),
     (["--model.hidden_features", "0"], "hidden_features"),
-    (["--model.kl_lambda", "0"], "kl_lambda"),
+    (["--model.flexact.kl_lambda", "0"], "kl_lambda"),
     (["--model.sync_statistics", "maybe"], "sync_statistics"),
-    (["--model.prior", "[1,-1,1,1,1]"], "prior"),
-    (["--model.eval_mode", "mean"], "eval_mode"),
+    (["--model.flexact.prior", "[1,-1,1,1,1]"], "prior"),
+    (["--model.flexact.eval_mode", "mean"], "eval_mode"),
     ("FiniteGuard check_every_n_steps 0", "check_every_n_steps"),
     ("FiniteGuard check_inputs sometimes", "check_inputs"),
     ("TemperatureAnnealing end 0", "end"),

@@ -1,4 +1,4 @@
-"""The closed-form mixture (flexact.kernels) against the general path it replaces."""
+"""The closed-form mixture (flexact.nn.kernels) against the general path it replaces."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from flexact import FlexAct, kernels
-from flexact.kernels import BASIS, basis_row, closed_form_mixture
+from flexact import FlexAct
+from flexact.nn import basis, kernels
+from flexact.nn.kernels import BASIS, basis_row, closed_form_mixture
 
 CASES = [
     pytest.param("layer", (4, 6, 5, 5), 1, id="layer_4d"),
@@ -270,7 +271,7 @@ def test_forward_batchnorm_falls_back_where_it_does_not_apply(case: str) -> None
 def test_flexact_resnet_stores_about_what_the_relu_resnet_stores() -> None:
     """Memory goal of issue 8 (≤ 1.15×), deterministic: bytes saved for backward."""
     from flexact.backbones import cifar_resnet18
-    from flexact.profiling import saved_bytes
+    from flexact.tools.profiling import saved_bytes
 
     x = torch.randn(2, 3, 32, 32)
     relu_net, flex_net = cifar_resnet18(activation="relu"), cifar_resnet18(activation="flexact")
@@ -336,7 +337,7 @@ def test_forward_batchnorm_in_a_model_cast_to_half_precision(dtype: torch.dtype)
 
 
 def test_constants_made_under_inference_mode_still_train() -> None:
-    kernels._CONSTANTS.clear()
+    basis._CONSTANTS.clear()
     layer = _layer("layer", 1, candidates=("relu", "sigmoid"), eval_mode="expected").eval()
     x = torch.randn(4, 6, 3, 3)
     with torch.inference_mode():  # e.g. Lightning's sanity-check validation comes first

@@ -1,4 +1,4 @@
-"""Tests for the FlexAct layer, the fused mixture and the selection regularizer (flexact.layers)."""
+"""Tests for the FlexAct layer, the fused mixture and the selection regularizer."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from flexact import (
     mixture,
     selection_kl,
 )
-from flexact.profiling import kernel_count, saved_bytes
+from flexact.tools.profiling import kernel_count, saved_bytes
 
 from .conftest import OTHER_BUILTINS
 
@@ -799,7 +799,7 @@ def test_readme_plain_pytorch_example_picks_tanh(capsys: pytest.CaptureFixture[s
 
 def test_pass_through_user_candidate_does_not_corrupt_the_saved_input() -> None:
     from flexact import register_activation
-    from flexact.activations import _REGISTRY
+    from flexact.nn.registry import _REGISTRY
 
     @register_activation("test_passthrough")
     class PassThrough(nn.Module):

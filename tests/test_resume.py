@@ -15,12 +15,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from flexact.backbones import LeNet5
 from flexact.callbacks import FiniteGuard, RNGState
-from flexact.checkpoint import AtomicCheckpointIO
 from flexact.cli import FlexActCLI, build_cli
+from flexact.cli.checkpoint import AtomicCheckpointIO
 from flexact.datamodules import CIFAR10DataModule
 from flexact.datamodules._images import TensorBatchLoader
-from flexact.datamodules.fake import write_cifar10
 from flexact.modules import FlexActClassifier
+from flexact.tools.fake_data import write_cifar10
 
 from .conftest import REPO
 

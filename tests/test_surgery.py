@@ -13,7 +13,7 @@ from torch import nn
 from flexact import ConfigError, FlexAct, flexact_layers, freeze_selection, swap_activations
 from flexact.cli import build_cli, main
 from flexact.modules import FlexActClassifier, FlexActRegressor
-from flexact.profiling import saved_bytes
+from flexact.tools.profiling import saved_bytes
 
 from .conftest import REPO
 
@@ -163,7 +163,7 @@ def test_blend_mode_is_noise_free_softmax_mixture() -> None:
 
 
 def test_fixed_activation_baseline_through_the_module() -> None:
-    model = FlexActRegressor(in_features=4, candidates=["tanh"])
+    model = FlexActRegressor(in_features=4, flexact={"candidates": ["tanh"]})
     x = torch.randn(5, 4)
     torch.testing.assert_close(model(x), torch.tanh(model.head.linear(x)))
 
@@ -183,7 +183,7 @@ def test_multilayer_flexact_cifar_resnet_trains_without_nan(tmp_path: Path) -> N
     model = FlexActClassifier(backbone=CifarResNet(activation="relu"), num_outputs=4,
                               hidden_features=32, swap_backbone=True, kl_reduction="mean",
                               optimizer=lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9))
-    assert len(model.swaps) == 17
+    assert len(model.model.swaps) == 17
 
     class NaNWatch(L.Callback):
         def __init__(self) -> None:
@@ -211,8 +211,8 @@ def test_export_runs_without_flexact(tmp_path: Path) -> None:
         "fit", "--config", config, "--trainer.max_epochs", "2",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false", "--data.n_train", "256",
-        "--model.hidden_features", "6", "--model.granularity", "channel",
-        "--model.candidates", "[relu,tanh,adaptive_gumbel,identity]",
+        "--model.hidden_features", "6", "--model.flexact.granularity", "channel",
+        "--model.flexact.candidates", "[relu,tanh,adaptive_gumbel,identity]",
     ])
     assert cli.trainer.checkpoint_callback is not None
     ckpt = cli.trainer.checkpoint_callback.best_model_path

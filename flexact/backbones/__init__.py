@@ -1,4 +1,4 @@
-"""Backbones: feature extractors for the FlexAct modules (METHOD.md §3.2 and §4).
+"""Backbones: feature extractors for the FlexAct modules (docs/method.md §3.2 and §4).
 
 Each takes its hidden activation by registry name (``relu``, ``adaptive_gumbel``, ...), or
 ``flexact`` / ``flexact_channel`` for a :class:`~flexact.FlexAct` at every activation site, and

@@ -1,4 +1,4 @@
-"""Activation sites of the backbones: a registry name, or a FlexAct layer."""
+"""Activation sites of the backbones: a registry name, or a FlexAct layer from a spec."""
 
 from __future__ import annotations
 
@@ -7,24 +7,30 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from flexact.activations import check_activation_name, get_activation
 from flexact.errors import ConfigError
-from flexact.layers import FlexAct
+from flexact.nn.activations import check_activation_name, get_activation
+from flexact.nn.layer import FlexAct
+from flexact.nn.spec import FlexActSpec
 
-__all__ = ["FLEXACT_NAMES", "build_activation", "check_backbone_activation", "norm_activation"]
+__all__ = ["FLEXACT_NAMES", "Activation", "build_activation", "check_backbone_activation",
+           "norm_activation"]
 
 FLEXACT_NAMES = ("flexact", "flexact_channel")
-"""Names the backbones accept besides the registry: a FlexAct layer at every activation site,
-with one selection per site (``flexact``) or one per channel (``flexact_channel``)."""
+"""Names the backbones accept besides the registry and a :class:`~flexact.FlexActSpec`: a
+FlexAct layer at every activation site (settings from ``activation_kwargs``), with one
+selection per site (``flexact``) or one per channel (``flexact_channel``)."""
+
+Activation = str | FlexActSpec
+"""A backbone's ``activation`` argument: a registry name, a FlexAct alias, or a spec."""
 
 
-def check_backbone_activation(name: str) -> str:
-    """Return ``name`` if it is a registry name or one of :data:`FLEXACT_NAMES`.
+def check_backbone_activation(name: Activation) -> Activation:
+    """Return ``name`` if it is a spec, a registry name or one of :data:`FLEXACT_NAMES`.
 
     Raises:
         ConfigError: Otherwise, listing the valid names.
     """
-    if name in FLEXACT_NAMES:
+    if isinstance(name, FlexActSpec) or name in FLEXACT_NAMES:
         return name
     try:
         return check_activation_name(name)
@@ -32,14 +38,16 @@ def check_backbone_activation(name: str) -> str:
         raise ConfigError(f"{err}; backbones also accept {', '.join(FLEXACT_NAMES)}") from None
 
 
-def build_activation(name: str, num_channels: int | None = None,
+def build_activation(name: Activation, num_channels: int | None = None,
                      kwargs: Mapping[str, Any] | None = None) -> nn.Module:
     """A fresh activation module for one site of a backbone.
 
     Args:
-        name: A registry name (``relu``, ``adaptive_gumbel``, ...), ``flexact`` (a
-            :class:`~flexact.FlexAct` with the paper's candidates, one selection for the site) or
-            ``flexact_channel`` (one selection per channel, dimension 1 of the input).
+        name: A registry name (``relu``, ``adaptive_gumbel``, ...), a
+            :class:`~flexact.FlexActSpec` (a :class:`~flexact.FlexAct` per site with those
+            settings; per channel along dimension 1 if its granularity is ``channel``),
+            ``flexact`` (a FlexAct with the settings in ``kwargs``) or ``flexact_channel``
+            (the same, one selection per channel).
         num_channels: Channels at this site (needed for ``flexact_channel``).
         kwargs: Keyword arguments for the activation (e.g. ``{"negative_slope": 0.2}``, or
             FlexAct's ``candidates``, ``tau``, ``kl_lambda``).
@@ -47,20 +55,23 @@ def build_activation(name: str, num_channels: int | None = None,
     Returns:
         The module.
     """
-    options = dict(kwargs or {})
     check_backbone_activation(name)
-    if name in FLEXACT_NAMES:
-        # FlexAct at every site: keep inputs for backward in bf16 unless asked otherwise (see
-        # flexact.swap_activations), so the network stays within 1.25× a ReLU network's memory.
-        options.setdefault("compact_memory", True)
-    if name == "flexact":
-        return FlexAct(**options)
-    if name == "flexact_channel":
+    if isinstance(name, str) and name not in FLEXACT_NAMES:
+        return get_activation(name, **dict(kwargs or {}))
+    if isinstance(name, FlexActSpec):
+        spec = FlexActSpec.build(name, **dict(kwargs or {}))
+    else:
+        # The aliases keep inputs for backward in bf16 unless asked otherwise (see
+        # flexact.swap_activations): within 1.25× a ReLU network's memory.
+        options = {"compact_memory": True, **dict(kwargs or {})}
+        if name == "flexact_channel":
+            options["granularity"] = "channel"
+        spec = FlexActSpec.build(None, **options)
+    if spec.granularity == "channel":
         if num_channels is None:
-            raise ConfigError("flexact_channel needs the number of channels at the site")
-        options.update(granularity="channel", num_channels=num_channels, channel_dim=1)
-        return FlexAct(**options)
-    return get_activation(name, **options)
+            raise ConfigError("a per-channel FlexAct needs the number of channels at the site")
+        return FlexAct(spec, num_channels=num_channels, channel_dim=1)
+    return FlexAct(spec)
 
 
 def norm_activation(act: nn.Module, norm: nn.Module, z: Tensor,

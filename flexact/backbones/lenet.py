@@ -1,15 +1,18 @@
-"""LeNet5 in the variant of METHOD.md §4: two conv + max-pool layers, one FC hidden layer."""
+"""LeNet5 in the variant of docs/method.md §4: two conv + max-pool layers, one FC hidden layer."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
-from flexact.backbones._activation import build_activation, check_backbone_activation
-from flexact.errors import ConfigError
+from flexact.backbones._activation import (
+    Activation,
+    build_activation,
+    check_backbone_activation,
+)
+from flexact.errors import ConfigError, check_positive_ints
 
 __all__ = ["LeNet5"]
 
@@ -28,24 +31,27 @@ class LeNet5(nn.Module):
         channels: Feature maps of the two convolutions.
         kernel_size: Size of the (unpadded) convolution kernels.
         hidden_features: Units of the FC hidden layer, or ``null`` for none.
-        activation: Hidden activation by registry name, or ``flexact`` / ``flexact_channel``.
+        activation: Hidden activation: a registry name, a FlexAct spec (``{candidates: [...],
+            tau: ...}``: a FlexAct layer at every site), or ``flexact`` / ``flexact_channel``.
         activation_kwargs: Keyword arguments of the activation.
         dropout: Dropout probability after the hidden layer.
     """
 
     def __init__(
         self,
-        in_channels: PositiveInt = 1,
-        image_size: PositiveInt = 28,
+        in_channels: int = 1,
+        image_size: int = 28,
         channels: Sequence[int] = (20, 50),
-        kernel_size: PositiveInt = 5,
-        hidden_features: PositiveInt | None = 1000,
-        activation: str = "relu",
+        kernel_size: int = 5,
+        hidden_features: int | None = 1000,
+        activation: Activation = "relu",
         activation_kwargs: dict[str, Any] | None = None,
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
         check_backbone_activation(activation)
+        check_positive_ints(in_channels=in_channels, image_size=image_size,
+                            kernel_size=kernel_size, hidden_features=hidden_features)
         if len(channels) != 2 or any(c < 1 for c in channels):
             raise ConfigError(f"LeNet5 channels must be two positive ints, got {list(channels)}")
         if not 0 <= dropout < 1:

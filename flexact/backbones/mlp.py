@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from jsonargparse.typing import PositiveInt
 from torch import Tensor, nn
 
-from flexact.backbones._activation import build_activation, check_backbone_activation
-from flexact.errors import ConfigError
+from flexact.backbones._activation import (
+    Activation,
+    build_activation,
+    check_backbone_activation,
+)
+from flexact.errors import ConfigError, check_positive_ints
 
 __all__ = ["MLP"]
 
@@ -20,7 +23,8 @@ class MLP(nn.Module):
     Args:
         in_features: Size of each (flattened) input sample, e.g. 784 for MNIST.
         hidden: Width of each hidden layer; empty for no layer (the features pass through).
-        activation: Hidden activation by registry name, or ``flexact`` / ``flexact_channel``.
+        activation: Hidden activation: a registry name, a FlexAct spec (``{candidates: [...],
+            tau: ...}``: a FlexAct layer at every site), or ``flexact`` / ``flexact_channel``.
         activation_kwargs: Keyword arguments of the activation.
         dropout: Dropout probability after each hidden layer.
         batch_norm: BatchNorm after each linear map.
@@ -28,15 +32,16 @@ class MLP(nn.Module):
 
     def __init__(
         self,
-        in_features: PositiveInt,
+        in_features: int,
         hidden: Sequence[int] = (256,),
-        activation: str = "relu",
+        activation: Activation = "relu",
         activation_kwargs: dict[str, Any] | None = None,
         dropout: float = 0.0,
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
         check_backbone_activation(activation)
+        check_positive_ints(in_features=in_features)
         if any(h < 1 for h in hidden):
             raise ConfigError(f"MLP hidden widths must be positive, got {list(hidden)}")
         if not 0 <= dropout < 1:

@@ -1,4 +1,4 @@
-"""CIFAR ResNets (METHOD.md §3.2): torchvision's ResNet with a 3×3 stride-1 stem, no max-pool."""
+"""CIFAR ResNets (docs/method.md §3.2): torchvision's ResNet with a 3×3 stride-1 stem, no max-pool."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from flexact.backbones._activation import (
+    Activation,
     build_activation,
     check_backbone_activation,
     norm_activation,
@@ -50,8 +51,9 @@ class CifarResNet(ResNet):
 
     Args:
         depth: 18 or 34 layers.
-        activation: Hidden activation by registry name (``relu``, ``adaptive_gumbel``, ...), or
-            ``flexact`` / ``flexact_channel`` for a FlexAct layer at every site.
+        activation: Hidden activation: a registry name (``relu``, ``adaptive_gumbel``, ...), a
+            FlexAct spec (``{candidates: [...], tau: ...}``: a FlexAct layer at every site), or
+            ``flexact`` / ``flexact_channel``.
         activation_kwargs: Keyword arguments of the activation (e.g. FlexAct's ``candidates``).
         in_channels: Channels of the input images.
         zero_init_residual: Zero-initialize the last BatchNorm of each block (torchvision option).
@@ -60,7 +62,7 @@ class CifarResNet(ResNet):
     def __init__(
         self,
         depth: Literal[18, 34] = 18,
-        activation: str = "relu",
+        activation: Activation = "relu",
         activation_kwargs: dict[str, Any] | None = None,
         in_channels: int = 3,
         zero_init_residual: bool = False,

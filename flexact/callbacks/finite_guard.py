@@ -14,7 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
 from flexact.errors import ConfigError
-from flexact.layers import flexact_layers
+from flexact.nn import flexact_layers
 
 __all__ = ["FiniteGuard", "NonFiniteLossError"]
 

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 from flexact.callbacks.progress import progress_position, run_length
 from flexact.errors import ConfigError
-from flexact.layers import flexact_layers
+from flexact.nn import flexact_layers
 
 __all__ = ["TemperatureAnnealing", "temperature_at"]
 

@@ -2,7 +2,7 @@
 
 Real-data modules download only in ``prepare_data`` and build their data sets in ``setup``;
 any missing, truncated or corrupt file, or a failed download, raises :class:`DatasetError` (a
-:class:`~flexact.ConfigError`) naming the path and what to do. :mod:`flexact.datamodules.fake`
+:class:`~flexact.ConfigError`) naming the path and what to do. :mod:`flexact.tools.fake_data`
 writes tiny data sets in the genuine on-disk formats, for smoke tests without downloading.
 """
 

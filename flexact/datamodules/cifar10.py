@@ -1,4 +1,4 @@
-"""``CIFAR10DataModule``: CIFAR-10 from the official python pickle batches (METHOD.md §3.2)."""
+"""``CIFAR10DataModule``: CIFAR-10 from the official python pickle batches (docs/method.md §3.2)."""
 
 from __future__ import annotations
 

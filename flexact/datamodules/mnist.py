@@ -1,4 +1,4 @@
-"""``MNISTDataModule``: MNIST from the official idx files (METHOD.md §4, LeNet5)."""
+"""``MNISTDataModule``: MNIST from the official idx files (docs/method.md §4, LeNet5)."""
 
 from __future__ import annotations
 

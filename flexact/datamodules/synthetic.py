@@ -1,4 +1,4 @@
-"""``SyntheticDataModule``: the paper's synthetic recovery task (METHOD.md §3.1)."""
+"""``SyntheticDataModule``: the paper's synthetic recovery task (docs/method.md §3.1)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch.utils.data import TensorDataset
 
-from flexact.activations import check_activation_name, get_activation
 from flexact.datamodules.base import SplitDataModule
 from flexact.errors import ConfigError
+from flexact.nn.activations import check_activation_name, get_activation
 
 __all__ = ["SyntheticDataModule", "make_synthetic"]
 

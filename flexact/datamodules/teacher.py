@@ -1,4 +1,4 @@
-"""``TeacherDataModule``: binary labels from a random teacher network (METHOD.md §4).
+"""``TeacherDataModule``: binary labels from a random teacher network (docs/method.md §4).
 
 The simulated data of Farhadi, Partovi Nia & Lodi (2019): a random multilayer perceptron with
 1 or 8 hidden layers of 10 units and sigmoid or ReLU activations labels Gaussian inputs.
@@ -13,9 +13,9 @@ from jsonargparse.typing import ClosedUnitInterval, NonNegativeInt, PositiveInt
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from flexact.activations import check_activation_name, get_activation
 from flexact.datamodules.base import SplitDataModule
 from flexact.errors import ConfigError
+from flexact.nn.activations import check_activation_name, get_activation
 
 __all__ = ["TeacherDataModule", "make_teacher", "teacher_network"]
 

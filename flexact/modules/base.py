@@ -3,80 +3,33 @@
 from __future__ import annotations
 
 import inspect
+import io
 from collections.abc import Sequence
-from typing import Any, Literal
+from pathlib import Path
+from typing import IO, Any, Literal
 
 import lightning as L
 import torch
-from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
-from lightning.pytorch.callbacks import Callback
+from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.core.mixins import HyperparametersMixin
-from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
-from flexact.activations import PAPER_CANDIDATES, is_activation_module
-from flexact.callbacks.finite_guard import FiniteGuard
-from flexact.callbacks.rng import RNGState
 from flexact.errors import ConfigError
-from flexact.layers import FlexAct, FlexActHead, flexact_layers, selection_kl
-from flexact.surgery import Swap, swap_activations
+from flexact.modules.ddp import unused_selection_parameters
+from flexact.modules.hparams import migrate_hparams, migrate_state_dict, unsaved_argument_names
+from flexact.nn import FlexAct, FlexActNetwork, FlexActSpec, flexact_layers, selection_kl
+from flexact.nn.activations import is_activation_module
 
-try:  # Set by LightningCLI while it instantiates: then hparams hold configs, not modules.
-    from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
-except ImportError:  # pragma: no cover - older or newer Lightning without the context variable
-    _given_hyperparameters = None
-
-__all__ = ["FlexActModule", "strip_classifier"]
-
-_FEATURE_ATTRIBUTES = ("out_features", "num_features", "feature_dim", "embed_dim")
-
-
-def strip_classifier(backbone: nn.Module) -> int | None:
-    """Replace a torchvision model's final classifier by ``nn.Identity`` in place.
-
-    Args:
-        backbone: A model, e.g. ``torchvision.models.resnet18()``.
-
-    Returns:
-        The stripped layer's ``in_features``, or ``None`` if nothing was stripped (the model is
-        not from torchvision, or has no recognizable final linear layer).
-    """
-    if not type(backbone).__module__.startswith("torchvision.models"):
-        return None
-    for attr in ("fc", "classifier", "head", "heads"):
-        layer = getattr(backbone, attr, None)
-        if isinstance(layer, nn.Linear):
-            setattr(backbone, attr, nn.Identity())
-            return layer.in_features
-        if isinstance(layer, nn.Sequential) and len(layer) and isinstance(layer[-1], nn.Linear):
-            in_features = layer[-1].in_features
-            layer[-1] = nn.Identity()
-            return in_features
-    return None
-
-
-def _unsaved_argument_names(frame: Any) -> list[str]:
-    """Init arguments (of this class and subclasses) not to keep in ``hparams``.
-
-    Modules are saved in the state dict already, and callables (optimizer factories) are code,
-    which checkpoints loaded with ``weights_only=True`` must not contain.
-    """
-    if _given_hyperparameters is not None and _given_hyperparameters.get() is not None:
-        return []  # LightningCLI passes the modules' configs, which are worth keeping
-    init_args: dict[str, Any] = {}
-    for local_args in collect_init_args(frame, [], classes=(HyperparametersMixin,)):
-        init_args.update(local_args)
-    return [name for name, value in init_args.items()
-            if isinstance(value, nn.Module) or callable(value)]
+__all__ = ["FlexActModule"]
 
 
 class FlexActModule(L.LightningModule):
-    """Base LightningModule: any backbone, a :class:`~flexact.FlexActHead`, loss = task + α·KL.
+    """Base LightningModule: a :class:`~flexact.FlexActNetwork` as ``self.model``; task + α·KL.
 
-    Subclasses customize one hook instead of copying the training step:
-    :meth:`configure_models` (build ``self.backbone`` and ``self.head``),
+    ``self.model`` is a plain ``nn.Module`` (backbone → FlexAct head): train it here, export it
+    with ``flexact export``, or use it without Lightning. Subclasses customize one hook instead
+    of copying the training step: :meth:`configure_models` (build ``self.model``),
     :meth:`configure_losses` (set ``self.criterion``), :meth:`configure_metrics` (set
     ``self.train_metrics`` / ``val_metrics`` / ``test_metrics``).
 
@@ -91,13 +44,9 @@ class FlexActModule(L.LightningModule):
             taken from the data module under the CLI; regression defaults to 1.
         hidden_features: Width of the FlexAct layer between two affine maps (FlexAct at the
             penultimate layer); ``None`` for a single affine map followed by FlexAct.
-        candidates: Registry names of the candidate activations.
-        tau: Initial Gumbel-Softmax temperature (a TemperatureAnnealing callback overrides it).
-        hard: Straight-through one-hot selection in the forward pass.
-        granularity: One selection per layer, or one per feature/channel.
-        eval_mode: In eval, apply exactly the picked activation, or the softmax-weighted blend.
-        prior: Initial selection probabilities, one per candidate; uniform if omitted.
-        kl_lambda: Scale λ of the regularizer's pseudo-probabilities softmax(-ḡ/λ).
+        flexact: The FlexAct settings (candidates, tau, kl_lambda, hard, granularity,
+            eval_mode, prior, mode, compact_memory, candidate_kwargs) of the head, and of the
+            backbone's swapped sites unless ``backbone_flexact`` is given.
         alpha: Weight α of the selection KL in the loss; 0 disables the bias correction.
         optimizer: Optimizer factory called with the parameter groups.
         lr_scheduler: Optional learning-rate scheduler factory called with the optimizer.
@@ -105,11 +54,11 @@ class FlexActModule(L.LightningModule):
             activation shape parameters too (off by default: decay would pull picks to uniform).
         example_input_shape: Shape of one input sample (without batch) for inferring
             ``in_features`` by a dry run of the backbone (and for per-channel swaps).
-        mode: ``"gumbel"`` (FlexAct) or ``"blend"``: the noise-free softmax blend of Manessi &
-            Rozza (2018), a baseline without a discrete pick (use ``eval_mode: expected``).
         swap_backbone: Also replace every activation module of the backbone by a FlexAct layer
             (FlexAct at every layer, beyond the paper's head); the regularizer and callbacks
             cover them all.
+        backbone_flexact: FlexAct settings of the swapped backbone sites, if they differ from
+            ``flexact``.
         sync_statistics: Under DDP, average the regularizer's gradient norms ḡ over all ranks
             before computing p̃ = softmax(-ḡ/λ), so N devices with batch B train exactly as one
             device with batch N·B (one small all-reduce per FlexAct layer and step; no effect on
@@ -127,8 +76,9 @@ class FlexActModule(L.LightningModule):
             too; false restricts it to the head, as in the paper (in hidden layers it pulls every
             layer toward Sigmoid: see the teacher benchmark in benchmarks/RESULTS.md).
 
-    Every run also gets a :class:`~flexact.callbacks.FiniteGuard` and an
-    :class:`~flexact.callbacks.RNGState` (see :meth:`configure_callbacks`).
+    The ``flexact`` command adds a :class:`~flexact.callbacks.FiniteGuard` and an
+    :class:`~flexact.callbacks.RNGState` to every run (configured as ``finite_guard:`` and
+    ``rng_state:``); with a plain ``Trainer``, add them to its callbacks yourself.
     """
 
     default_num_outputs: int | None = None
@@ -140,20 +90,14 @@ class FlexActModule(L.LightningModule):
         in_features: PositiveInt | None = None,
         num_outputs: PositiveInt | None = None,
         hidden_features: PositiveInt | None = None,
-        candidates: Sequence[str] = PAPER_CANDIDATES,
-        tau: PositiveFloat = 1.0,
-        hard: bool = False,
-        granularity: Literal["layer", "channel"] = "layer",
-        eval_mode: Literal["argmax", "expected"] = "argmax",
-        prior: Sequence[PositiveFloat] | None = None,
-        kl_lambda: PositiveFloat = 1.0,
+        flexact: FlexActSpec = FlexActSpec(),  # noqa: B008 - frozen, so sharing it is safe
         alpha: NonNegativeFloat = 0.3,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         selection_weight_decay: bool = False,
         example_input_shape: Sequence[PositiveInt] | None = None,
-        mode: Literal["gumbel", "blend"] = "gumbel",
         swap_backbone: bool = False,
+        backbone_flexact: FlexActSpec | None = None,
         sync_statistics: bool = True,
         kl_reduction: Literal["sum", "mean"] = "sum",
         compile: bool = False,
@@ -162,7 +106,14 @@ class FlexActModule(L.LightningModule):
         regularize_backbone: bool = True,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=_unsaved_argument_names(inspect.currentframe()))
+        self.save_hyperparameters(ignore=unsaved_argument_names(inspect.currentframe()))
+        # Plain dicts in the hyper-parameters: checkpoints load with weights_only=True.
+        self.spec = FlexActSpec.build(flexact)
+        self.hparams["flexact"] = self.spec.as_dict()
+        self.backbone_spec = None if backbone_flexact is None else FlexActSpec.build(
+            backbone_flexact)
+        if self.backbone_spec is not None:
+            self.hparams["backbone_flexact"] = self.backbone_spec.as_dict()
         self.num_outputs = num_outputs if num_outputs is not None else self.default_num_outputs
         if self.num_outputs is None or self.num_outputs < 1:
             raise ConfigError(
@@ -171,61 +122,41 @@ class FlexActModule(L.LightningModule):
             )
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        self.backbone = backbone
+        # Not a submodule of its own: configure_models puts it into self.model.
+        object.__setattr__(self, "_backbone_argument", backbone)
         self._compiled_forward: Any = None
         self.configure_models()
         if channels_last:
-            self.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.configure_losses()
         self.configure_metrics()
-        for name, layer in flexact_layers(self):
+        for name, layer in flexact_layers(self.model):
             # Gradient norms are only needed where the KL term applies.
             in_backbone = name.startswith("backbone.")
-            layer.regularize = self.hparams.alpha > 0 and (regularize_backbone or not in_backbone)
-            layer.sync_statistics = bool(self.hparams.get("sync_statistics", True))
+            layer.regularize = alpha > 0 and (regularize_backbone or not in_backbone)
+            layer.sync_statistics = bool(sync_statistics)
         self._anchored: list[nn.Parameter] = []
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The network's feature extractor (``self.model.backbone``)."""
+        return self.model.backbone
+
+    @property
+    def head(self) -> nn.Module:
+        """The network's FlexAct head (``self.model.head``)."""
+        return self.model.head
 
     # ----------------------------------------------------------------- overridable hooks
     def configure_models(self) -> None:
-        """Build ``self.backbone`` (already set from the argument) and ``self.head``."""
+        """Build ``self.model``: the backbone argument followed by a FlexAct head."""
         hp = self.hparams
-        backbone = self.backbone if self.backbone is not None else nn.Identity()
-        stripped = strip_classifier(backbone)
-        in_features = hp.in_features or stripped or self._infer_features(backbone)
-        self.backbone = backbone
-        self.head = FlexActHead(
-            in_features,
-            self.num_outputs,
-            hidden_features=hp.hidden_features,
-            candidates=list(hp.candidates),
-            tau=hp.tau,
-            hard=hp.hard,
-            granularity=hp.granularity,
-            eval_mode=hp.eval_mode,
-            prior=hp.prior,
-            kl_lambda=hp.kl_lambda,
-            mode=hp.mode,
+        self.model = FlexActNetwork.build(
+            self._backbone_argument, self.num_outputs, in_features=hp.in_features,
+            hidden_features=hp.hidden_features, spec=self.spec,
+            swap_backbone=hp.swap_backbone, backbone_spec=self.backbone_spec,
+            example_input_shape=hp.example_input_shape,
         )
-        if hp.swap_backbone:
-            self.swaps = self._swap_backbone()
-
-    def _swap_backbone(self) -> list[Swap]:
-        hp = self.hparams
-        example = None
-        if hp.granularity == "channel":
-            if not hp.example_input_shape:
-                raise ConfigError("swap_backbone with granularity='channel' needs "
-                                  "example_input_shape (one sample's shape)")
-            example = torch.zeros(2, *hp.example_input_shape)
-        swaps = swap_activations(
-            self.backbone, candidates=list(hp.candidates), granularity=hp.granularity,
-            example_input=example, tau=hp.tau, hard=hp.hard, eval_mode=hp.eval_mode,
-            prior=hp.prior, kl_lambda=hp.kl_lambda, mode=hp.mode,
-        )
-        if not swaps:
-            raise ConfigError("swap_backbone found no activation module in the backbone to "
-                              "replace")
-        return swaps
 
     def configure_losses(self) -> None:
         """Set ``self.criterion``, the task loss ``criterion(outputs, targets)``."""
@@ -237,40 +168,16 @@ class FlexActModule(L.LightningModule):
         self.val_metrics = MetricCollection({})
         self.test_metrics = MetricCollection({})
 
-    # ----------------------------------------------------------------- helpers
-    def _infer_features(self, backbone: nn.Module) -> int:
-        for attr in _FEATURE_ATTRIBUTES:
-            value = getattr(backbone, attr, None)
-            if isinstance(value, int) and value > 0:
-                return value
-        shape = self.hparams.example_input_shape
-        if shape:
-            was_training = backbone.training
-            backbone.eval()
-            with torch.no_grad():
-                features = backbone(torch.zeros(2, *shape))
-            backbone.train(was_training)
-            return int(features.flatten(1).shape[1])
-        raise ConfigError(
-            "cannot infer in_features: set model in_features, give the backbone an "
-            "`out_features` attribute, or set example_input_shape (one sample's shape) so the "
-            "backbone can be run once"
-        )
-
     def forward(self, x: Tensor) -> Tensor:
-        """Backbone features through the FlexAct head (compiled if ``compile`` is set)."""
+        """``self.model(x)`` (compiled if ``compile`` is set)."""
         if self.hparams.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         if not self.hparams.compile:
-            return self.features_to_outputs(x)
+            return self.model(x)
         if self._compiled_forward is None:
-            self._compiled_forward = torch.compile(self.features_to_outputs,
+            self._compiled_forward = torch.compile(self.model.forward,
                                                    backend=self.hparams.compile_backend)
         return self._compiled_forward(x)
-
-    def features_to_outputs(self, x: Tensor) -> Tensor:
-        """The uncompiled forward: ``head(backbone(x))``."""
-        return self.head(self.backbone(x))
 
     def targets_like(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Adapt targets to the outputs' layout before the loss (identity by default)."""
@@ -298,7 +205,7 @@ class FlexActModule(L.LightningModule):
         metrics.update(self.metric_inputs(outputs), y)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         if stage == "train" and self._world_size() > 1:
-            self._anchored = self._unused_selection_parameters()
+            self._anchored = unused_selection_parameters(self.model)
             if self._anchored:
                 loss = loss + 0.0 * sum(p.sum() for p in self._anchored)
         return loss
@@ -307,44 +214,29 @@ class FlexActModule(L.LightningModule):
         trainer = getattr(self, "_trainer", None)
         return trainer.world_size if trainer is not None else 1
 
-    def _unused_selection_parameters(self) -> list[nn.Parameter]:
-        """Parameters that committed FlexAct layers leave out of the forward.
-
-        A committed layer applies its pick only: its logits (and, per layer, the other
-        candidates' parameters) get no gradient, which DDP treats as an error unless it searches
-        the graph for unused parameters every step (``find_unused_parameters``). Adding them to
-        the loss with weight 0 keeps plain DDP working; :meth:`on_after_backward` then drops
-        their (zero) gradients so the optimizer leaves them untouched, as on one device.
-        """
-        unused: list[nn.Parameter] = []
-        for _, layer in flexact_layers(self):
-            if not layer.committed:
-                continue
-            unused.append(layer.logits)
-            if layer.num_channels is None:  # per channel, every candidate is evaluated
-                pick = layer.committed_index
-                for j, candidate in enumerate(layer.candidates):
-                    if j != pick:
-                        unused.extend(candidate.parameters())
-        return [p for p in unused if p.requires_grad]
-
     def on_after_backward(self) -> None:
         """Drop the zero gradients of parameters that only took part to satisfy DDP."""
         for param in self._anchored:
             param.grad = None
         self._anchored = []
 
-    def configure_callbacks(self) -> list[Callback]:
-        """Add a ``FiniteGuard`` and an ``RNGState`` unless the trainer already has them.
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Migrate the state dict of a checkpoint written before ``self.model`` existed."""
+        migrate_state_dict(checkpoint.get("state_dict", {}))
 
-        They stop diverged runs with a clear message and make resumes and multi-device runs
-        reproducible; configure them as trainer callbacks to change their arguments. Subclasses
-        that override this hook should extend ``super().configure_callbacks()``.
-        """
-        trainer = getattr(self, "_trainer", None)
-        present = trainer.callbacks if trainer is not None else []
-        return [kind() for kind in (FiniteGuard, RNGState)
-                if not any(isinstance(c, kind) for c in present)]
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls, checkpoint_path: str | Path | IO[bytes], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint``, for checkpoints of every flexact version."""
+        if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file():
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+            if migrate_hparams(checkpoint.get("hyper_parameters", {})):
+                buffer = io.BytesIO()
+                torch.save(checkpoint, buffer)
+                buffer.seek(0)
+                checkpoint_path = buffer
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def regularizer(self) -> Tensor | None:
         """The term added to the training loss: α·Σ KL(p̃ ‖ p) over every FlexAct layer.
@@ -353,7 +245,7 @@ class FlexActModule(L.LightningModule):
         """
         if self.hparams.alpha <= 0:
             return None
-        return self.hparams.alpha * selection_kl(self, self.hparams.kl_reduction)
+        return self.hparams.alpha * selection_kl(self.model, self.hparams.kl_reduction)
 
     def metric_inputs(self, outputs: Tensor) -> Tensor:
         """Transform model outputs before they reach the metrics (identity by default)."""

@@ -1,4 +1,4 @@
-"""``TextDataModule``: sentence / document polarity classification (METHOD.md §4, TextCNN).
+"""``TextDataModule``: sentence / document polarity classification (docs/method.md §4, TextCNN).
 
 Reads the movie-review polarity data (sentence polarity v1.0 and review polarity v2.0 of Pang &
 Lee) or any corpus of yours (:mod:`~flexact.datamodules.text.sources`), splits it
@@ -58,7 +58,7 @@ class TextDataModule(SplitDataModule):
     Sources (``source``):
 
     - ``review_polarity``: review polarity v2.0, 2 000 movie reviews in
-      ``<data_dir>/txt_sentoken/{neg,pos}/*.txt`` (the Farhadi et al. / METHOD.md §4 set).
+      ``<data_dir>/txt_sentoken/{neg,pos}/*.txt`` (the Farhadi et al. / docs/method.md §4 set).
     - ``sentence_polarity``: sentence polarity v1.0 ("MR", Kim 2014), 10 662 sentences in
       ``<data_dir>/rt-polaritydata/rt-polarity.{neg,pos}``, one per line.
     - ``folder``: one sub-folder per label, one text per file, under ``path``.

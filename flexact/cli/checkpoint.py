@@ -26,6 +26,8 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from flexact.errors import ConfigError
+from flexact.modules.hparams import migrate_hparams
+from flexact.nn.spec import check_same_candidates
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -147,13 +149,10 @@ def check_resume_candidates(ckpt_path: Any, configured: Sequence[str] | None) ->
         if _is_damage(err):
             raise _corrupt(ckpt_path, err) from err
         return  # e.g. objects that safe loading refuses: Lightning reports those itself
-    saved = (checkpoint.get("hyper_parameters") or {}).get("candidates")
-    if saved is not None and list(saved) != list(configured):
-        raise ConfigError(
-            f"the checkpoint {ckpt_path} was trained with candidates {list(saved)}, but the "
-            f"model is configured with {list(configured)}; configure the same candidates (same "
-            "names, same order) as the run that wrote the checkpoint"
-        )
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    migrate_hparams(hparams)
+    check_same_candidates((hparams.get("flexact") or {}).get("candidates"), configured,
+                          f"the checkpoint {ckpt_path}")
 
 
 def _is_damage(err: BaseException) -> bool:

@@ -6,8 +6,8 @@ Usage::
     flexact export model.ckpt --input-shape 3 32 32 --out resnet.pt --onnx resnet.onnx
 
 Every FlexAct layer is replaced by the activation it picked (:func:`flexact.freeze_selection`),
-then the backbone and head are traced. The TorchScript file loads with ``torch.jit.load`` and
-runs with plain PyTorch: no flexact import is needed.
+then the module's network (``module.model``) is traced. The TorchScript file loads with
+``torch.jit.load`` and runs with plain PyTorch: no flexact import is needed.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from flexact.errors import ConfigError
 from flexact.modules import FlexActModule
-from flexact.surgery import freeze_selection
+from flexact.nn.surgery import freeze_selection
 
 __all__ = ["export_checkpoint", "load_module", "main"]
 
@@ -59,18 +58,6 @@ def load_module(checkpoint: str | Path) -> FlexActModule:
     return cls.load_from_checkpoint(path, map_location="cpu")
 
 
-class _Inference(nn.Module):
-    """Backbone followed by head: what a FlexActModule computes at inference."""
-
-    def __init__(self, module: FlexActModule) -> None:
-        super().__init__()
-        self.backbone = module.backbone
-        self.head = module.head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-
 def _input_shape(module: FlexActModule, shape: Sequence[int] | None) -> list[int]:
     if shape:
         return list(shape)
@@ -101,7 +88,7 @@ def export_checkpoint(
     """
     module = load_module(checkpoint)
     module.eval()
-    model = freeze_selection(_Inference(module)).eval()
+    model = freeze_selection(module.model).eval()
     example = torch.zeros(2, *_input_shape(module, input_shape))
     with torch.no_grad():
         traced = torch.jit.trace(model, example)

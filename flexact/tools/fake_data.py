@@ -4,7 +4,7 @@ Each writer produces the exact layout and file format the data modules read (CIF
 pickles, MNIST idx files, the polarity folders and files), with classes that differ by a visible
 pattern, so a model can actually learn them::
 
-    from flexact.datamodules.fake import write_cifar10
+    from flexact.tools.fake_data import write_cifar10
     write_cifar10("/tmp/fake")
     # then: flexact fit --config configs/resnet18.yaml --data.data_dir /tmp/fake
 """

@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from flexact.activations import PAPER_CANDIDATES
 from flexact.errors import ConfigError
-from flexact.layers import FlexAct, Granularity, flexact_layers
+from flexact.nn.activations import plain_module
+from flexact.nn.layer import FlexAct, flexact_layers
+from flexact.nn.mixture import apply_per_channel
+from flexact.nn.spec import FlexActSpec
 
 __all__ = ["DEFAULT_SWAP_TYPES", "Swap", "freeze_selection", "swap_activations"]
 
@@ -80,13 +82,12 @@ def _channels_by_site(model: nn.Module, names: set[str], example_input: Any) -> 
 
 def swap_activations(
     model: nn.Module,
-    candidates: Sequence[str] = PAPER_CANDIDATES,
-    granularity: Granularity = "layer",
+    spec: FlexActSpec | Mapping[str, Any] | Sequence[str] | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     types: Sequence[type[nn.Module]] = DEFAULT_SWAP_TYPES,
     example_input: Any = None,
-    **flexact_kwargs: Any,
+    **settings: Any,
 ) -> list[Swap]:
     """Replace the activation modules of ``model`` with FlexAct layers, in place.
 
@@ -97,14 +98,16 @@ def swap_activations(
 
     Args:
         model: The model to modify.
-        candidates: Registry names of the candidates of every new layer.
-        granularity: ``"layer"`` or ``"channel"`` (channel counts come from ``example_input``).
+        spec: Settings of every new layer (:class:`~flexact.FlexActSpec`, a mapping of its
+            fields, or a list of candidate names); ``granularity="channel"`` takes the channel
+            counts from ``example_input``.
         include: Glob patterns of qualified module names to replace (default: all).
         exclude: Glob patterns of qualified module names to keep.
         types: Activation module types to replace.
         example_input: A batch for one dry forward, required for ``granularity="channel"``.
-        **flexact_kwargs: Further :class:`~flexact.FlexAct` arguments (``tau``, ``kl_lambda``...).
-            ``compact_memory`` defaults to true here: a FlexAct keeps its input for backward,
+        **settings: Fields of :class:`~flexact.FlexActSpec` that replace the spec's (``tau``,
+            ``kl_lambda``...). Unless the spec or ``settings`` set it, ``compact_memory`` is
+            true here: a FlexAct keeps its input for backward,
             and in bf16 that costs half (a conv stack with FlexAct at every site: about 1.2×
             the ReLU network's saved bytes instead of 1.4×). Sites whose model calls
             :meth:`~flexact.FlexAct.forward_batchnorm` (CifarResNet does) keep no copy at all.
@@ -112,7 +115,10 @@ def swap_activations(
     Returns:
         One :class:`Swap` per replaced module, in model order.
     """
-    flexact_kwargs.setdefault("compact_memory", True)
+    if spec is None or isinstance(spec, Sequence):  # no spec of the caller's: compact memory
+        settings.setdefault("compact_memory", True)
+    spec = FlexActSpec.build(spec, **settings)
+    granularity = spec.granularity
     types = tuple(types)
     inside = tuple(f"{name}." if name else "" for name, _ in flexact_layers(model))
     targets = [
@@ -132,21 +138,13 @@ def swap_activations(
         parent = model.get_submodule(parent_name) if parent_name else model
         old = getattr(parent, attr)
         width = channels[name] if granularity == "channel" else None
-        layer = FlexAct(candidates, granularity=granularity, num_channels=width, channel_dim=1,
-                        **flexact_kwargs)
+        layer = FlexAct(spec, num_channels=width, channel_dim=1)
         param = next(old.parameters(), None) or next(model.parameters(), None)
         if param is not None:
             layer.to(device=param.device)
         setattr(parent, attr, layer)
         swaps.append(Swap(name, type(old).__name__, width))
     return swaps
-
-
-_PLAIN: dict[str, Any] = {
-    "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "identity": nn.Identity,
-    "gelu": nn.GELU, "silu": nn.SiLU, "elu": nn.ELU, "selu": nn.SELU, "softplus": nn.Softplus,
-    "mish": nn.Mish,
-}
 
 
 class PerChannelActivation(nn.Module):
@@ -159,24 +157,7 @@ class PerChannelActivation(nn.Module):
         self.channel_dim = channel_dim
 
     def forward(self, x: Tensor) -> Tensor:
-        shape = [1] * x.dim()
-        shape[self.channel_dim] = -1
-        index = self.index.reshape(shape)
-        out = torch.zeros_like(x)
-        for j, act in enumerate(self.activations):
-            out = torch.where(index == j, act(x), out)
-        return out
-
-
-def _plain_module(layer: FlexAct, j: int) -> nn.Module:
-    """A flexact-free copy of candidate ``j`` (torch.nn class where one exists)."""
-    name = layer.candidate_names[j]
-    candidate = layer.candidates[j]
-    if name in _PLAIN and type(candidate) is _PLAIN[name]:
-        return _PLAIN[name]()
-    if isinstance(candidate, nn.LeakyReLU):
-        return nn.LeakyReLU(candidate.negative_slope)
-    return copy.deepcopy(candidate)  # registry module (keeps learned shape parameters)
+        return apply_per_channel(x, self.index, self.activations, self.channel_dim % x.dim())
 
 
 def freeze_selection(model: nn.Module, inplace: bool = False) -> nn.Module:
@@ -197,12 +178,12 @@ def freeze_selection(model: nn.Module, inplace: bool = False) -> nn.Module:
     for name, layer in list(flexact_layers(frozen)):
         picks = layer.logits.detach().argmax(dim=-1)
         if layer.num_channels is None:
-            replacement = _plain_module(layer, int(picks))
+            replacement = plain_module(layer.candidates[int(picks)])
         else:
             used = sorted(set(picks.tolist()))
             remap = {j: i for i, j in enumerate(used)}
             replacement = PerChannelActivation(
-                [_plain_module(layer, j) for j in used],
+                [plain_module(layer.candidates[j]) for j in used],
                 torch.tensor([remap[int(j)] for j in picks], device=picks.device),
                 layer.channel_dim,
             )
