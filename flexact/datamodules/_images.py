@@ -5,12 +5,14 @@ Augmentation (random crop with zero padding, horizontal flip) and normalization 
 batches in :meth:`ImageDataModule.on_after_batch_transfer`, i.e. on the accelerator when there is
 one. With ``on_device`` the whole data set also lives on the accelerator and batches are drawn
 by indexing it, so no host work is left in the training loop.
+
+The batch augmentations live in :mod:`~flexact.datamodules.augment` and the on-device loader in
+:mod:`~flexact.datamodules.loaders`; both are re-exported here.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import numpy as np
@@ -19,117 +21,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
+from flexact.datamodules.augment import random_crop, random_hflip
 from flexact.datamodules.base import SplitDataModule
-from flexact.datamodules.sampling import EpochShardSampler, resume_skip, run_seed
+from flexact.datamodules.loaders import TensorBatchLoader
+from flexact.datamodules.sampling import run_seed
 from flexact.errors import ConfigError
 
+# TensorBatchLoader, random_crop and random_hflip: re-exported for existing imports.
 __all__ = ["ImageDataModule", "TensorBatchLoader", "random_crop", "random_hflip"]
 
 OnDevice = bool | Literal["auto"]
-
-
-def random_crop(images: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
-    """Per-image random crop of a zero-padded batch back to its size (``RandomCrop(pad=p)``).
-
-    Args:
-        images: Batch ``(N, C, H, W)`` of any dtype, on any device.
-        padding: Zero padding added on every side before cropping.
-        generator: Random generator on the batch's device (default: the global one).
-
-    Returns:
-        A batch shaped like ``images``.
-    """
-    if padding <= 0:
-        return images
-    n, c, h, w = images.shape
-    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    device = images.device
-    offset_y = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
-    offset_x = torch.randint(0, 2 * padding + 1, (n, 1), device=device, generator=generator)
-    rows = offset_y + torch.arange(h, device=device)  # (N, H)
-    cols = offset_x + torch.arange(w, device=device)  # (N, W)
-    batch = torch.arange(n, device=device).view(n, 1, 1, 1)
-    channel = torch.arange(c, device=device).view(1, c, 1, 1)
-    return padded[batch, channel, rows.view(n, 1, h, 1), cols.view(n, 1, 1, w)]
-
-
-def random_hflip(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """Flip each image of a batch ``(N, C, H, W)`` left-right with probability 1/2."""
-    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < 0.5
-    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
-
-
-class TensorBatchLoader:
-    """Batches drawn by indexing tensors in place (on the accelerator), without a DataLoader.
-
-    The order of epoch ``e`` is a pure function of ``(seed, e)``, identical on every rank, and
-    each rank takes its shard of it exactly as a ``DistributedSampler`` would (padded by
-    repetition to equal length), so all ranks run the same number of steps: see
-    :class:`~flexact.datamodules.sampling.EpochShardSampler`, the loader's ``sampler``.
-
-    Like a ``DataLoader`` with a ``DistributedSampler``, it changes its order only when the
-    epoch is set: Lightning's fit loop calls ``sampler.set_epoch`` at every epoch start with
-    the trainer's epoch, so a resumed run continues with the right permutation. Like
-    :class:`~flexact.datamodules.sampling.ResumableDataLoader`, it is stateful: Lightning saves
-    its position (epoch and batches yielded) in checkpoints, and a loader given that state
-    skips the batches already trained on.
-
-    Args:
-        tensors: Tensors with the same first dimension, on one device.
-        batch_size: Samples per batch.
-        shuffle: Draw a new permutation every epoch.
-        seed: Base seed of the permutations.
-        rank: This process's global rank.
-        world_size: Number of processes.
-    """
-
-    def __init__(self, tensors: Sequence[Tensor], batch_size: int, shuffle: bool, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
-        self.tensors = tuple(tensors)
-        self.batch_size = batch_size
-        self.num_samples = len(self.tensors[0])
-        self.sampler = EpochShardSampler(self.num_samples, rank, world_size, seed=seed,
-                                         shuffle=shuffle)
-        self.batch_sampler = None  # as a DataLoader with a sampler (Lightning reads both)
-        self._epoch_of_live: int | None = None
-        self._yielded = 0
-        self._resume: dict[str, Any] | None = None
-
-    @property
-    def epoch(self) -> int:
-        """The epoch whose permutation the next iteration serves."""
-        return self.sampler.epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of ``epoch`` (Lightning does it through ``sampler``)."""
-        self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.sampler) / self.batch_size)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
-        # A generator: this runs at the first next(), after Lightning has set the epoch and
-        # loaded the saved position.
-        epoch = self.sampler.epoch
-        resume, self._resume = self._resume, None
-        skip = resume_skip(resume, epoch, len(self))
-        self._epoch_of_live, self._yielded = epoch, skip
-        order = self.sampler.indices().to(self.tensors[0].device)
-        for start in range(skip * self.batch_size, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
-            self._yielded += 1  # counted when handed out, as a DataLoader's iterator does
-            yield tuple(t[index] for t in self.tensors)
-
-    def state_dict(self) -> dict[str, Any]:
-        """Epoch and batches yielded in it so far (Lightning stores it in checkpoints)."""
-        return {"epoch": self._epoch_of_live, "batches": self._yielded}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Skip the saved number of batches at the start of the saved epoch."""
-        epoch, batches = state_dict.get("epoch"), int(state_dict.get("batches", 0))
-        self._resume = {"epoch": epoch, "batches": batches}
-        if isinstance(epoch, int):  # as ResumableDataLoader: also right without Lightning
-            self.sampler.set_epoch(epoch if batches < len(self) else epoch + 1)
 
 
 class ImageDataModule(SplitDataModule):

@@ -4,7 +4,7 @@ Reads the movie-review polarity data (sentence polarity v1.0 and review polarity
 Lee) or any corpus of yours (:mod:`~flexact.datamodules.text.sources`), splits it
 (:mod:`~flexact.datamodules.text.folds`), tokenizes it with a regular expression, builds the
 vocabulary on the training split only (:mod:`~flexact.datamodules.text.vocabulary`) and serves
-padded token-id tensors.
+padded token-id tensors (:mod:`~flexact.datamodules.text.datasets` does the last three).
 
 How the model learns the vocabulary: its size is known only once the data are read, in
 ``setup``, after the CLI has built the model. The data module then exposes it as
@@ -23,7 +23,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -31,7 +30,8 @@ from torch.utils.data import TensorDataset
 
 from flexact.datamodules._common import DatasetError, fetch_archive
 from flexact.datamodules.base import SplitDataModule
-from flexact.datamodules.text.folds import check_split_options, stratified_splits
+from flexact.datamodules.text.datasets import encode_splits, split_corpus
+from flexact.datamodules.text.folds import check_split_options
 from flexact.datamodules.text.readers import Record, TextDecoder
 from flexact.datamodules.text.sources import (
     POLARITY_URLS,
@@ -40,11 +40,7 @@ from flexact.datamodules.text.sources import (
     check_source_options,
     polarity_files,
 )
-from flexact.datamodules.text.tokens import (
-    DEFAULT_TOKEN_PATTERN,
-    compile_token_pattern,
-    tokenize,
-)
+from flexact.datamodules.text.tokens import DEFAULT_TOKEN_PATTERN, compile_token_pattern
 from flexact.datamodules.text.vectors import load_vectors
 from flexact.datamodules.text.vocabulary import Vocabulary, VocabularyConsumer
 from flexact.errors import ConfigError
@@ -201,13 +197,6 @@ class TextDataModule(SplitDataModule):
     def _read(self, which: Literal["main", "test"]) -> list[Record]:
         return self.corpus.read(which)
 
-    def _label_index(self, label: str, index: dict[str, int],
-                     which: Literal["main", "test"]) -> int:
-        if label not in index:
-            raise DatasetError(f"{self.corpus.location(which)}: label {label!r} is not among "
-                               f"data.labels {list(index)}")
-        return index[label]
-
     # ------------------------------------------------------------------ Lightning hooks
     def prepare_data(self) -> None:
         """Download and extract the polarity archive if asked and the data are missing."""
@@ -230,30 +219,13 @@ class TextDataModule(SplitDataModule):
 
     def _build(self) -> None:
         hp = self.hparams
-        index = {name: i for i, name in enumerate(self.label_names)}
-        main = self._read("main")
-        main_labels = [self._label_index(label, index, "main") for _, label in main]
-        splits = stratified_splits(main_labels, hp.seed, hp.num_folds, hp.fold, hp.val_split,
-                                   hp.test_split, separate_test=hp.test_path is not None)
-        self.split_indices = dict(splits)
-        texts = {name: [main[i][0] for i in ids] for name, ids in splits.items()}
-        targets = {name: [main_labels[i] for i in ids] for name, ids in splits.items()}
-        if hp.test_path is not None:
-            test = self._read("test")
-            texts["test"] = [t for t, _ in test]
-            self.split_indices["test"] = list(range(len(test)))
-            targets["test"] = [self._label_index(label, index, "test") for _, label in test]
-        if not texts["train"] or not texts["test"]:
-            raise DatasetError(f"{self.corpus.location('main')}: {len(main)} texts are too few "
-                               "for the requested splits; add data or change the split fractions")
-        tokens = {name: [tokenize(t, self._pattern, hp.lowercase) for t in ts]
-                  for name, ts in texts.items()}
-        self.vocab = Vocabulary.build(tokens["train"], hp.min_freq, hp.max_vocab_size)
-        length = hp.max_length or max(1, max(len(t) for t in tokens["train"]))
-        for name in ("train", "val", "test"):
-            if tokens[name]:
-                self.splits[name] = TensorDataset(self.vocab.encode_padded(tokens[name], length),
-                                                  torch.tensor(targets[name]))
+        parts = split_corpus(self.corpus, self.label_names, hp.seed, hp.num_folds, hp.fold,
+                             hp.val_split, hp.test_split)
+        self.split_indices = parts.indices
+        self.vocab, datasets, length = encode_splits(parts, self._pattern, hp.lowercase,
+                                                     hp.min_freq, hp.max_vocab_size,
+                                                     hp.max_length)
+        self.splits.update(datasets)
         if "val" not in self.splits:
             self.splits["val"] = self.splits["test"]  # val_split = 0
         found = None
