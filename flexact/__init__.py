@@ -7,41 +7,10 @@ candidate registry. The Lightning layer lives in ``flexact.modules``, ``flexact.
 ``flexact.datamodules`` and ``flexact.cli``; tools in ``flexact.tools``.
 """
 
+import flexact.nn as _core
 from flexact.errors import ConfigError
-from flexact.nn import (
-    PAPER_CANDIDATES,
-    Candidate,
-    FlexAct,
-    FlexActHead,
-    FlexActNetwork,
-    FlexActSpec,
-    available_activations,
-    flexact_layers,
-    freeze_selection,
-    get_activation,
-    mixture,
-    register_activation,
-    selection_kl,
-    swap_activations,
-)
+from flexact.nn import *  # noqa: F403 - the core's public names are the package's
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "PAPER_CANDIDATES",
-    "Candidate",
-    "ConfigError",
-    "FlexAct",
-    "FlexActHead",
-    "FlexActNetwork",
-    "FlexActSpec",
-    "__version__",
-    "available_activations",
-    "flexact_layers",
-    "freeze_selection",
-    "get_activation",
-    "mixture",
-    "register_activation",
-    "selection_kl",
-    "swap_activations",
-]
+__all__ = ["ConfigError", "__version__", *_core.__all__]

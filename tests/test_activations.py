@@ -11,8 +11,7 @@ from torch import Tensor, nn
 
 import flexact
 from flexact import ConfigError, FlexAct, available_activations, get_activation
-from flexact.nn.activations import activation_derivative, register_activation
-from flexact.nn.registry import _REGISTRY
+from flexact.nn.registry import _REGISTRY, activation_derivative, register_activation
 
 from .conftest import OTHER_BUILTINS, PAPER_FIVE
 

@@ -174,7 +174,8 @@ def test_checkpoint_with_other_candidates_is_a_clear_error(
     trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
 ) -> None:
     code, line = _cli_error([command, *_common(tmp_path), "--ckpt_path", str(trained),
-                             "--model.flexact.candidates", "[relu,tanh,sigmoid,identity,leaky_relu]"],
+                             "--model.flexact.candidates",
+                             "[relu,tanh,sigmoid,identity,leaky_relu]"],
                             capsys)
     assert code == 2
     assert str(trained) in line
@@ -312,10 +313,7 @@ trainer:
     (["--data.noise", "-0.5"], "noise"),
     (["--data.num_workers", "-1"], "num_workers"),
     (["--model.hidden_features", "0"], "hidden_features"),
-    (["--model.flexact.kl_lambda", "0"], "kl_lambda"),
     (["--model.sync_statistics", "maybe"], "sync_statistics"),
-    (["--model.flexact.prior", "[1,-1,1,1,1]"], "prior"),
-    (["--model.flexact.eval_mode", "mean"], "eval_mode"),
     ("FiniteGuard check_every_n_steps 0", "check_every_n_steps"),
     ("FiniteGuard check_inputs sometimes", "check_inputs"),
     ("TemperatureAnnealing end 0", "end"),
@@ -345,3 +343,23 @@ def test_environment_has_no_launcher_variables() -> None:
     """The DDP subprocesses start their own group; nothing leaks from a surrounding one."""
     assert not {"MASTER_PORT", "RANK", "WORLD_SIZE"} & set(clean_env())
     assert str(REPO) in clean_env()["PYTHONPATH"].split(os.pathsep)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    (["--model.flexact.kl_lambda", "0"], "kl_lambda"),
+    (["--model.flexact.prior", "[1,-1,1,1,1]"], "prior"),
+    (["--model.flexact.eval_mode", "mean"], "eval_mode"),
+    (["--model.flexact.tau", "-2"], "tau"),
+])
+def test_bad_flexact_setting_fails_before_training(
+    override: list[str], key: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The FlexActSpec checks its fields when it is built (the core has no parser types)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", SYNTHETIC, *override, "--trainer.fast_dev_run", "1",
+              "--trainer.default_root_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert key in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.ckpt"))  # stopped before training
+

@@ -98,7 +98,7 @@ def test_hparams_skip_module_arguments_but_keep_subclass_ones() -> None:
 def test_selection_parameters_get_no_weight_decay() -> None:
     model = FlexActRegressor(
         backbone=nn.Sequential(nn.Linear(4, 6), nn.PReLU()), in_features=6,
-        candidates=["relu", "swish_beta"],
+        flexact={"candidates": ["relu", "swish_beta"]},
         optimizer=lambda p: torch.optim.SGD(p, lr=0.1, weight_decay=0.5),
     )
     optimizer = model.configure_optimizers()
@@ -234,7 +234,7 @@ def test_regularize_backbone_false_keeps_the_kl_on_the_head() -> None:
     backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
     model = FlexActRegressor(backbone=backbone, in_features=8, hidden_features=4,
                              swap_backbone=True, regularize_backbone=False)
-    layers = dict(flexact_layers(model))
+    layers = dict(flexact_layers(model.model))
     assert set(layers) == {"backbone.1", "backbone.3", "head.flexact"}
     model.train()
     model(torch.randn(16, 4))
@@ -298,6 +298,6 @@ def test_training_step_never_reads_back_from_the_device(probe: bool) -> None:
     trainer.fit(model, DataLoader(data, batch_size=4))
     assert trainer.global_step == 4
     if probe:
-        assert len(spy.calls) == 4 and "layers.py" in spy.calls[0]
+        assert len(spy.calls) == 4 and "layer.py" in spy.calls[0]
     else:
         assert spy.calls == [], spy.calls[0]

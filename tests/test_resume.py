@@ -137,7 +137,7 @@ def test_checkpoint_holds_the_random_states_and_the_loader_position(
     assert set(rng) >= {"torch", "python", "numpy"}
     assert checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [
         {"epoch": 0, "batches": 3}]
-    state = checkpoint["state_dict"]["head.flexact._extra_state"]
+    state = checkpoint["state_dict"]["model.head.flexact._extra_state"]
     assert state == {"candidates": ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]}
 
 
@@ -157,8 +157,9 @@ def _image_run(data: Path, root: Path, on_device: bool,
                               optimizer=lambda p: torch.optim.Adam(p, lr=1e-2))
     steps = ModelCheckpoint(dirpath=root, filename="{step}", every_n_train_steps=3,
                             save_top_k=-1)
+    # A plain Trainer gets RNGState only when asked (the flexact CLI adds it to every run).
     trainer = L.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False,
-                        callbacks=[steps], enable_progress_bar=False,
+                        callbacks=[steps, RNGState()], enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=root)
     trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
     assert trainer.global_step == 12

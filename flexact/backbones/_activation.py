@@ -8,8 +8,8 @@ from typing import Any
 from torch import Tensor, nn
 
 from flexact.errors import ConfigError
-from flexact.nn.activations import check_activation_name, get_activation
 from flexact.nn.layer import FlexAct
+from flexact.nn.registry import check_activation_name, get_activation
 from flexact.nn.spec import FlexActSpec
 
 __all__ = ["FLEXACT_NAMES", "Activation", "build_activation", "check_backbone_activation",

@@ -1,4 +1,4 @@
-"""CIFAR ResNets (docs/method.md §3.2): torchvision's ResNet with a 3×3 stride-1 stem, no max-pool."""
+"""CIFAR ResNets (docs/method.md §3.2): torchvision's ResNet, 3×3 stride-1 stem, no max-pool."""
 
 from __future__ import annotations
 

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from flexact.callbacks.progress import progress_position, run_length
 from flexact.errors import ConfigError
 from flexact.nn import flexact_layers
+from flexact.nn.spec import check_tau
 
 __all__ = ["TemperatureAnnealing", "temperature_at"]
 
@@ -68,10 +69,8 @@ class TemperatureAnnealing(Callback):
         warmup: NonNegativeInt = 0,
         total: PositiveInt | None = None,
     ) -> None:
-        for label, value in (("start", start), ("end", end)):
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"TemperatureAnnealing {label} must be a finite number > 0, "
-                                  f"got {value!r}")
+        start = check_tau(start, "TemperatureAnnealing start")
+        end = check_tau(end, "TemperatureAnnealing end")
         if schedule not in ("exponential", "linear", "cosine", "constant"):
             raise ConfigError(f"schedule must be exponential, linear, cosine or constant, "
                               f"got {schedule!r}")

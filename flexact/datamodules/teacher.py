@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 
 from flexact.datamodules.base import SplitDataModule
 from flexact.errors import ConfigError
-from flexact.nn.activations import check_activation_name, get_activation
+from flexact.nn.registry import check_activation_name, get_activation
 
 __all__ = ["TeacherDataModule", "make_teacher", "teacher_network"]
 

@@ -16,10 +16,9 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from flexact.errors import ConfigError
-from flexact.modules.ddp import unused_selection_parameters
 from flexact.modules.hparams import migrate_hparams, migrate_state_dict, unsaved_argument_names
-from flexact.nn import FlexAct, FlexActNetwork, FlexActSpec, flexact_layers, selection_kl
-from flexact.nn.activations import is_activation_module
+from flexact.nn import FlexActNetwork, FlexActSpec, flexact_layers, selection_kl
+from flexact.nn.params import parameter_groups, unused_selection_parameters
 
 __all__ = ["FlexActModule"]
 
@@ -77,8 +76,7 @@ class FlexActModule(L.LightningModule):
             layer toward Sigmoid: see the teacher benchmark in benchmarks/RESULTS.md).
 
     The ``flexact`` command adds a :class:`~flexact.callbacks.FiniteGuard` and an
-    :class:`~flexact.callbacks.RNGState` to every run (configured as ``finite_guard:`` and
-    ``rng_state:``); with a plain ``Trainer``, add them to its callbacks yourself.
+    :class:`~flexact.callbacks.RNGState` to every run; with a plain ``Trainer``, add them.
     """
 
     default_num_outputs: int | None = None
@@ -107,13 +105,12 @@ class FlexActModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=unsaved_argument_names(inspect.currentframe()))
-        # Plain dicts in the hyper-parameters: checkpoints load with weights_only=True.
         self.spec = FlexActSpec.build(flexact)
-        self.hparams["flexact"] = self.spec.as_dict()
-        self.backbone_spec = None if backbone_flexact is None else FlexActSpec.build(
-            backbone_flexact)
-        if self.backbone_spec is not None:
-            self.hparams["backbone_flexact"] = self.backbone_spec.as_dict()
+        self.backbone_spec = (None if backbone_flexact is None
+                              else FlexActSpec.build(backbone_flexact))
+        # Plain dicts in the hyper-parameters: checkpoints load with weights_only=True.
+        self.hparams.update(flexact=self.spec.as_dict(), backbone_flexact=(
+            None if self.backbone_spec is None else self.backbone_spec.as_dict()))
         self.num_outputs = num_outputs if num_outputs is not None else self.default_num_outputs
         if self.num_outputs is None or self.num_outputs < 1:
             raise ConfigError(
@@ -126,6 +123,12 @@ class FlexActModule(L.LightningModule):
         object.__setattr__(self, "_backbone_argument", backbone)
         self._compiled_forward: Any = None
         self.configure_models()
+        if "model" not in self._modules:  # a subclass written for flexact 0.1 set these two
+            backbone, head = (self._modules.pop(k, None) for k in ("backbone", "head"))
+            if head is None:
+                raise ConfigError(f"{type(self).__name__}.configure_models must set self.model "
+                                  "(e.g. a flexact.FlexActNetwork(backbone, head))")
+            self.model = FlexActNetwork(backbone, head)
         if channels_last:
             self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.configure_losses()
@@ -149,7 +152,12 @@ class FlexActModule(L.LightningModule):
 
     # ----------------------------------------------------------------- overridable hooks
     def configure_models(self) -> None:
-        """Build ``self.model``: the backbone argument followed by a FlexAct head."""
+        """Build ``self.model``: the backbone argument followed by a FlexAct head.
+
+        Overrides set ``self.model`` (any ``nn.Module``; a :class:`~flexact.FlexActNetwork`
+        keeps ``backbone``/``head`` reachable); setting ``self.backbone`` and ``self.head``
+        instead, as flexact 0.1 asked, still works.
+        """
         hp = self.hparams
         self.model = FlexActNetwork.build(
             self._backbone_argument, self.num_outputs, in_features=hp.in_features,
@@ -276,19 +284,9 @@ class FlexActModule(L.LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups: selection logits and activation shapes get no weight decay.
 
-        Unless ``selection_weight_decay`` is set.
+        Unless ``selection_weight_decay`` is set (:func:`flexact.nn.params.parameter_groups`).
         """
-        regular: list[nn.Parameter] = []
-        selection: list[nn.Parameter] = []
-        for module in self.modules():
-            exempt = isinstance(module, FlexAct) or is_activation_module(module)
-            for param in module.parameters(recurse=False):
-                if param.requires_grad:
-                    (selection if exempt else regular).append(param)
-        if self.hparams.selection_weight_decay:
-            return [{"params": regular + selection}]
-        groups = [{"params": regular}, {"params": selection, "weight_decay": 0.0}]
-        return [g for g in groups if g["params"]]
+        return parameter_groups(self, self.hparams.selection_weight_decay)
 
     def configure_optimizers(self) -> Any:
         """Build the injected optimizer (and scheduler, stepped per epoch)."""

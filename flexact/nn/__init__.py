@@ -14,17 +14,17 @@ One concept per module:
 - :mod:`~flexact.nn.surgery`: FlexAct at every activation site, and freezing to plain modules.
 """
 
-from flexact.nn.activations import (
-    PAPER_CANDIDATES,
+from flexact.nn.activations import PAPER_CANDIDATES
+from flexact.nn.head import FlexActHead
+from flexact.nn.layer import FlexAct, flexact_layers
+from flexact.nn.mixture import mixture
+from flexact.nn.network import FlexActNetwork
+from flexact.nn.registry import (
     Candidate,
     available_activations,
     get_activation,
     register_activation,
 )
-from flexact.nn.head import FlexActHead
-from flexact.nn.layer import FlexAct, flexact_layers
-from flexact.nn.mixture import mixture
-from flexact.nn.network import FlexActNetwork
 from flexact.nn.regularizer import selection_kl
 from flexact.nn.spec import FlexActSpec
 from flexact.nn.surgery import freeze_selection, swap_activations

@@ -3,8 +3,8 @@
 The paper's five candidates come first, in the paper's order, and form
 :data:`PAPER_CANDIDATES`; then common activations, the parameterized ones (their shapes train
 with the weights) and three found by search (docs/method.md §4). Each is registered once with
-everything flexact knows about it (:class:`~flexact.nn.registry.Candidate`). The registry API
-is re-exported here: import from this module to get the built-ins registered.
+everything flexact knows about it (:class:`~flexact.nn.registry.Candidate`). Importing any
+part of :mod:`flexact.nn` imports this module, so the built-ins are always registered.
 """
 
 from __future__ import annotations
@@ -16,41 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexact.errors import ConfigError
-from flexact.nn.registry import (
-    Candidate,
-    activation_derivative,
-    activation_value_and_derivative,
-    available_activations,
-    basis_row,
-    candidate_for,
-    check_activation_name,
-    get_activation,
-    has_parameters,
-    is_activation_module,
-    plain_module,
-    register_activation,
-)
+from flexact.nn.registry import register_activation
 
 __all__ = [
     "GMTU",
     "PAPER_CANDIDATES",
     "AdaptiveGumbel",
     "AdaptiveReLU",
-    "Candidate",
     "GELUSinc",
     "GELUSine",
     "SwishBeta",
-    "activation_derivative",
-    "activation_value_and_derivative",
-    "available_activations",
-    "basis_row",
-    "candidate_for",
-    "check_activation_name",
-    "get_activation",
-    "has_parameters",
-    "is_activation_module",
-    "plain_module",
-    "register_activation",
 ]
 
 PAPER_CANDIDATES: tuple[str, ...] = ("relu", "sigmoid", "tanh", "leaky_relu", "identity")

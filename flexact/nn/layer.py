@@ -12,12 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from flexact.errors import ConfigError
-from flexact.nn.activations import get_activation
 from flexact.nn.basis import basis_rows
 from flexact.nn.batchnorm import batchnorm_mixture, fusable_batchnorm
 from flexact.nn.gumbel import gumbel_softmax
 from flexact.nn.kernels import closed_form_mixture
-from flexact.nn.mixture import _general_mixture, apply_per_channel, mixture
+from flexact.nn.mixture import _general_mixture, apply_per_channel, channel_dim_of, mixture
+from flexact.nn.registry import get_activation
 from flexact.nn.regularizer import all_ranks_mean, gradient_norms
 from flexact.nn.spec import (
     CandidateStateMixin,
@@ -167,19 +167,7 @@ class FlexAct(CandidateStateMixin, nn.Module):
         """The input's channel dimension (non-negative) for per-channel layers, else ``None``."""
         if self.num_channels is None:
             return None
-        if (x.dim() < 2 or not -x.dim() <= self.channel_dim < x.dim()
-                or self.channel_dim % x.dim() == 0):
-            raise ValueError(
-                f"FlexAct channel_dim={self.channel_dim} is not a non-batch dimension of the "
-                f"input of shape {tuple(x.shape)}"
-            )
-        channel_dim = self.channel_dim % x.dim()
-        if x.shape[channel_dim] != self.num_channels:
-            raise ValueError(
-                f"FlexAct expected {self.num_channels} channels in dim {self.channel_dim}, "
-                f"got input of shape {tuple(x.shape)}"
-            )
-        return channel_dim
+        return channel_dim_of(x, self.num_channels, self.channel_dim)
 
     def forward_batchnorm(self, z: Tensor, norm: nn.Module,
                           residual: Tensor | None = None) -> Tensor:

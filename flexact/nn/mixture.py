@@ -13,11 +13,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flexact.nn.activations import activation_value_and_derivative, has_parameters
 from flexact.nn.kernels import closed_form_mixture
 from flexact.nn.ops import _column
+from flexact.nn.registry import activation_value_and_derivative, has_parameters
 
-__all__ = ["apply_per_channel", "mixture"]
+__all__ = ["apply_per_channel", "channel_dim_of", "mixture"]
 
 
 def _reduce_to_weight(t: Tensor, channel_dim: int | None) -> Tensor:
@@ -148,3 +148,20 @@ def apply_per_channel(x: Tensor, picks: Tensor, activations: Sequence[nn.Module]
     for j, act in enumerate(activations):
         out = torch.where(index == j, act(x), out)
     return out
+
+
+def channel_dim_of(x: Tensor, num_channels: int, channel_dim: int) -> int:
+    """``channel_dim`` as a non-negative dimension of ``x``, checked to hold ``num_channels``.
+
+    Raises:
+        ValueError: If it is the batch dimension, out of range, or of another size.
+    """
+    if x.dim() < 2 or not -x.dim() <= channel_dim < x.dim() or channel_dim % x.dim() == 0:
+        raise ValueError(f"FlexAct channel_dim={channel_dim} is not a non-batch dimension of the "
+                         f"input of shape {tuple(x.shape)}")
+    resolved = channel_dim % x.dim()
+    if x.shape[resolved] != num_channels:
+        raise ValueError(f"FlexAct expected {num_channels} channels in dim {channel_dim}, got "
+                         f"input of shape {tuple(x.shape)}")
+    return resolved
+

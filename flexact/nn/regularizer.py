@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from flexact.nn.activations import activation_derivative
+from flexact.nn.registry import activation_derivative
 
 __all__ = ["all_ranks_mean", "gradient_norms", "selection_kl"]
 

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
 from flexact.errors import ConfigError
-from flexact.nn.activations import PAPER_CANDIDATES, check_activation_name
+from flexact.nn.activations import PAPER_CANDIDATES
+from flexact.nn.registry import check_activation_name
 
 __all__ = ["CandidateStateMixin", "EvalMode", "FlexActSpec", "Granularity", "Mode",
            "check_same_candidates", "check_tau"]

@@ -20,9 +20,9 @@ import torch
 from torch import Tensor, nn
 
 from flexact.errors import ConfigError
-from flexact.nn.activations import plain_module
 from flexact.nn.layer import FlexAct, flexact_layers
 from flexact.nn.mixture import apply_per_channel
+from flexact.nn.registry import plain_module
 from flexact.nn.spec import FlexActSpec
 
 __all__ = ["DEFAULT_SWAP_TYPES", "Swap", "freeze_selection", "swap_activations"]
