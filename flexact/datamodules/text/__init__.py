@@ -10,6 +10,7 @@ One concept per module:
   lines) and :class:`TextDecoder`, which counts undecodable bytes;
 - :mod:`~flexact.datamodules.text.sources`: where each ``source`` lives, and :class:`Corpus`;
 - :mod:`~flexact.datamodules.text.folds`: stratified k-fold or fixed splits;
+- :mod:`~flexact.datamodules.text.datasets`: a corpus split and encoded into tensors;
 - :mod:`~flexact.datamodules.text.module`: :class:`TextDataModule` itself.
 
 Every name is importable from here, e.g. ``flexact.datamodules.text.TextDataModule`` (the class
