@@ -7,7 +7,8 @@ One concept per module:
 - :mod:`~flexact.nn.spec`: :class:`FlexActSpec`, a FlexAct layer's settings, checked once.
 - :mod:`~flexact.nn.layer`: :class:`FlexAct`; :mod:`~flexact.nn.head`: :class:`FlexActHead`;
   :mod:`~flexact.nn.network`: :class:`FlexActNetwork` (backbone + head, what is exported).
-- :mod:`~flexact.nn.regularizer`: gradient norms ḡ and :func:`selection_kl`.
+- :mod:`~flexact.nn.norms`: the gradient norms ḡ; :mod:`~flexact.nn.regularizer`:
+  :func:`selection_kl`.
 - :mod:`~flexact.nn.mixture`, :mod:`~flexact.nn.kernels`, :mod:`~flexact.nn.basis`,
   :mod:`~flexact.nn.batchnorm`, :mod:`~flexact.nn.ops`, :mod:`~flexact.nn.gumbel`: the
   candidate mixture and its closed-form and batch-norm-fused kernels.

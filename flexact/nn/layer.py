@@ -17,8 +17,8 @@ from flexact.nn.batchnorm import batchnorm_mixture, fusable_batchnorm
 from flexact.nn.gumbel import gumbel_softmax
 from flexact.nn.kernels import closed_form_mixture
 from flexact.nn.mixture import _general_mixture, apply_per_channel, channel_dim_of, mixture
+from flexact.nn.norms import all_ranks_mean, gradient_norms
 from flexact.nn.registry import get_activation
-from flexact.nn.regularizer import all_ranks_mean, gradient_norms
 from flexact.nn.spec import (
     CandidateStateMixin,
     EvalMode,
@@ -237,7 +237,7 @@ class FlexAct(CandidateStateMixin, nn.Module):
     ) -> Tensor:
         """Batch-mean gradient norm ḡ of every candidate (docs/method.md eq. 1).
 
-        See :func:`flexact.nn.regularizer.gradient_norms`; ``(p,)`` or ``(C, p)`` per channel.
+        See :func:`flexact.nn.norms.gradient_norms`; ``(p,)`` or ``(C, p)`` per channel.
         """
         return gradient_norms(self.candidates, x, input_weight, channel_dim)
 
