@@ -7,21 +7,25 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from flexact import ConfigError, FlexAct
 from flexact.callbacks import (
+    RunCheckpoint,
     SelectionCommit,
     SelectionLogger,
     SelectionMetrics,
     TemperatureAnnealing,
     temperature_at,
 )
+from flexact.callbacks import checkpoint as checkpoint_module
 from flexact.datamodules import SyntheticDataModule
 from flexact.modules import FlexActRegressor
 
@@ -248,3 +252,101 @@ def test_selection_history_csv_is_appended_not_rewritten(tmp_path: Path) -> None
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert rows == [{k: str(v) for k, v in row.items()} for row in logger.history]
+
+
+# ---------------------------------------------------------------------------- RunCheckpoint
+class _Recorded(RunCheckpoint):
+    """RunCheckpoint that records ``(step, file name)`` of every checkpoint it writes."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.writes: list[tuple[int, str]] = []
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self.writes.append((trainer.global_step, Path(filepath).name))
+
+
+class _Clock:
+    """A fake ``time`` module whose clock advances 25 s after every training batch."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class _Tick(L.Callback):
+    def __init__(self, clock: _Clock) -> None:
+        self.clock = clock
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        self.clock.now += 25.0
+
+
+def test_run_checkpoint_refreshes_last_every_n_minutes_and_keeps_the_latest_epoch(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(checkpoint_module, "time", clock)
+    saver = _Recorded(every_n_minutes=1)
+    trainer = _fit(tmp_path, [_Tick(clock), saver], enable_checkpointing=True)  # 2 × 8 steps
+    # 25 s per step: last.ckpt after 3 steps (75 s ≥ 60 s), 3 more, then the epoch end (no
+    # mid-epoch save on an epoch's last batch); the latest epoch's file is kept.
+    assert saver.writes == [
+        (3, "last.ckpt"), (6, "last.ckpt"), (8, "epoch=0-step=8.ckpt"), (8, "last.ckpt"),
+        (11, "last.ckpt"), (14, "last.ckpt"), (16, "epoch=1-step=16.ckpt"), (16, "last.ckpt")]
+    folder = Path(trainer.log_dir or "") / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["epoch=1-step=16.ckpt", "last.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 16
+    assert trainer.checkpoint_callback is saver and saver.best_model_path.endswith("16.ckpt")
+
+
+def test_run_checkpoint_beside_a_users_model_checkpoint(tmp_path: Path) -> None:
+    saver = _Recorded(every_n_minutes=None, every_n_train_steps=5)
+    mine = ModelCheckpoint(dirpath=tmp_path / "mine", filename="{epoch}", save_top_k=-1)
+    trainer = _fit(tmp_path, [mine, saver], enable_checkpointing=True)
+    # The user's callback writes the epoch files; this one only last.ckpt.
+    assert saver.writes == [(5, "last.ckpt"), (8, "last.ckpt"), (10, "last.ckpt"),
+                            (15, "last.ckpt"), (16, "last.ckpt")]
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["epoch=0.ckpt",
+                                                                      "epoch=1.ckpt"]
+    folder = Path(trainer.log_dir or "") / "checkpoints"
+    assert [p.name for p in folder.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("case", ["user_save_last", "fast_dev_run"])
+def test_run_checkpoint_stays_out_of_the_way(tmp_path: Path, case: str) -> None:
+    saver = _Recorded(every_n_train_steps=1)
+    if case == "user_save_last":  # the user's own callback writes last.ckpt
+        mine = ModelCheckpoint(dirpath=tmp_path / "mine", save_last=True)
+        _fit(tmp_path, [mine, saver], enable_checkpointing=True)
+        assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == [
+            "epoch=1-step=16.ckpt", "last.ckpt"]
+    else:
+        _fit(tmp_path, [saver], enable_checkpointing=True, fast_dev_run=2)
+    assert saver.writes == []
+    assert not [p for p in tmp_path.rglob("*.ckpt") if "mine" not in p.parts]
+
+
+def test_run_checkpoint_never_saves_inside_an_accumulation_window(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = _Clock()
+    monkeypatch.setattr(checkpoint_module, "time", clock)
+    saver = _Recorded(every_n_minutes=1)
+    _fit(tmp_path, [_Tick(clock), saver], enable_checkpointing=True, accumulate_grad_batches=2)
+    # 60 s are up after batch 2, the first of a window: the save waits for the step (batch 3).
+    assert [s for s, name in saver.writes if name == "last.ckpt"] == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"every_n_minutes": 0}, "every_n_minutes must be a number > 0 or null"),
+    ({"every_n_minutes": float("inf")}, "every_n_minutes must be a number > 0 or null"),
+    ({"every_n_minutes": True}, "every_n_minutes must be a number > 0 or null"),
+    ({"every_n_train_steps": 0}, "every_n_train_steps must be a positive int"),
+    ({"every_n_train_steps": 2.5}, "every_n_train_steps must be a positive int"),
+])
+def test_bad_run_checkpoint_arguments(kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        RunCheckpoint(**kwargs)

@@ -1,5 +1,6 @@
 """Lightning callbacks: τ annealing, selection logging and committing, failure and resume safety."""
 
+from flexact.callbacks.checkpoint import RunCheckpoint
 from flexact.callbacks.commit import SelectionCommit
 from flexact.callbacks.finite_guard import FiniteGuard, NonFiniteLossError
 from flexact.callbacks.rng import RNGState
@@ -12,6 +13,7 @@ __all__ = [
     "FiniteGuard",
     "NonFiniteLossError",
     "RNGState",
+    "RunCheckpoint",
     "SelectionCommit",
     "SelectionLogger",
     "SelectionMetrics",

@@ -57,7 +57,8 @@ class FlexActCLI(LightningCLI):
     """
 
     forced_callbacks: ClassVar[dict[str, type[Callback]]] = {"finite_guard": FiniteGuard,
-                                                   "rng_state": RNGState}
+                                                   "rng_state": RNGState,
+                                                   "checkpoint": flexact.callbacks.RunCheckpoint}
     """Callbacks every run gets: config key → class."""
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
@@ -99,13 +100,16 @@ class FlexActCLI(LightningCLI):
         self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        # A forced callback gives way to one of its kind that the user configured.
+        # A forced callback gives way to one of its kind that the user configured (a plain
+        # ModelCheckpoint of the user's is not a RunCheckpoint: the two work side by side).
         configured = config.get("callbacks") or []
         configured = configured if isinstance(configured, list) else [configured]
-        kinds = tuple(type(c) for c in configured)
+        no_checkpoints = config.get("enable_checkpointing") is False
         callbacks = [c for c in callbacks
                      if not (isinstance(c, tuple(self.forced_callbacks.values()))
-                             and isinstance(c, kinds))]
+                             and (any(isinstance(u, type(c)) for u in configured)
+                                  or (no_checkpoints
+                                      and isinstance(c, flexact.callbacks.RunCheckpoint))))]
         return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -113,6 +117,10 @@ class FlexActCLI(LightningCLI):
         # user's own `trainer.plugins` (a precision or cluster plugin) would silently replace.
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
+        if self.subcommand == "fit":  # a resumed run continues in its checkpoint's run folder
+            from flexact.cli.runs import resume_in_run_folder
+
+            resume_in_run_folder(trainer, self.config["fit"].get("ckpt_path"))
         return trainer
 
 
