@@ -3,10 +3,14 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import re
+import shlex
+import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -14,18 +18,23 @@ import lightning as L
 import matplotlib.pyplot as plt
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from flexact import FlexAct
 from flexact.callbacks import RNGState, SelectionLogger, TemperatureAnnealing
+from flexact.callbacks.selection_reports import add_heatmap
 from flexact.cli import main
 from flexact.datamodules import SyntheticDataModule
 from flexact.modules import FlexActRegressor
 from flexact.tools.plot import plot_layer, read_history
+
+from .conftest import REPO
 
 CANDIDATES = ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]
 
@@ -65,15 +74,18 @@ def test_event_files_hold_layout_series_tau_and_heatmap(run_dir: Path) -> None:
         for cand in CANDIDATES:
             assert f"selection/{layer}/{cand}" in tags["scalars"]
         assert f"selection/{layer}/entropy" in tags["scalars"]
-    # custom scalars: one multi-line chart per layer with all its candidates, plus τ and entropy
-    (config,) = acc.Tensors("custom_scalars__config__")
-    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
-    charts = {chart.title: list(chart.multiline.tag)
-              for category in layout.category for chart in category.chart}
+    # custom scalars: per layer a category with one single-tag chart per candidate and one of
+    # the entropy (each line of a chart is then a run), plus τ
+    charts = _layout_charts(acc)
+    assert list(charts) == [*(f"FlexAct selection: {layer}" for layer in layers),
+                            "FlexAct training"]
     for layer in layers:
-        assert charts[layer] == [f"selection/{layer}/{c}" for c in CANDIDATES]
-    assert charts["temperature τ"] == ["tau"]
-    assert set(charts["entropy"]) == {f"selection/{layer}/entropy" for layer in layers}
+        category = charts[f"FlexAct selection: {layer}"]
+        assert list(category) == [*CANDIDATES, "selection entropy"]
+        for chart, (pattern,) in category.items():
+            tag = f"selection/{layer}/{'entropy' if chart == 'selection entropy' else chart}"
+            assert [t for t in tags["scalars"] if re.match(pattern, t)] == [tag]
+    assert charts["FlexAct training"] == {"temperature τ": [r"tau$"]}
     taus = [event.value for event in acc.Scalars("tau")]
     assert len(taus) > 20 and taus[0] == pytest.approx(1.0)
     assert all(a > b for a, b in itertools.pairwise(taus))  # strictly annealing
@@ -83,6 +95,14 @@ def test_event_files_hold_layout_series_tau_and_heatmap(run_dir: Path) -> None:
     assert "selection/backbone.1/relu/channels" in tags["histograms"]
     assert "selection/head.flexact/relu/channels" not in tags["histograms"]  # per-layer layer
     assert any(t.startswith("selection/final") for t in tags["tensors"])
+
+
+def _layout_charts(acc: EventAccumulator) -> dict[str, dict[str, list[str]]]:
+    """The custom-scalars layout: ``{category: {chart: [tag patterns]}}``."""
+    (config,) = acc.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    return {category.title: {chart.title: list(chart.multiline.tag) for chart in category.chart}
+            for category in layout.category}
 
 
 def test_history_csv_plots_and_json(run_dir: Path) -> None:
@@ -198,12 +218,83 @@ def _get_json(url: str) -> object:
         return json.loads(response.read())
 
 
+def _watching_commands() -> list[list[str]]:
+    """The shell commands of the README's "Watching the selection" section, split into words."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Watching the selection", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL)
+    lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
+    return [shlex.split(line) for line in lines if line.strip()]
+
+
+def _option(words: list[str], name: str) -> str | None:
+    return words[words.index(name) + 1] if name in words else None
+
+
+def test_readme_overlay_compares_alpha_on_the_same_truth(tmp_path: Path) -> None:
+    """Run the README's overlay example (tiny) and check what it compares."""
+    commands = _watching_commands()
+    fits = [c for c in commands if c[:2] == ["flexact", "fit"]]
+    (plot,) = [c for c in commands if c[:2] == ["flexact", "plot"]]
+    assert len(fits) == 2
+    # Apart from α and the folder's name, the two runs are the same command: the same truth.
+    varying = {"--model.alpha", "--trainer.logger.init_args.version"}
+    same = [[w for i, w in enumerate(c) if w not in varying and c[i - 1] not in varying]
+            for c in fits]
+    assert same[0] == same[1] and _option(fits[0], "--data.truth") is not None
+    tiny = ["--data.n_train", "128", "--data.n_val", "32", "--trainer.max_epochs", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.default_root_dir", str(tmp_path / "runs" / "synthetic"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+    for fit in fits:
+        main([*(str(REPO / w) if w.startswith("configs/") else w for w in fit[1:]), *tiny])
+    histories = [plot[2], *(plot[plot.index("--compare") + 1:plot.index("--labels")])]
+    labels = plot[plot.index("--labels") + 1:plot.index("--labels") + 1 + len(histories)]
+    truths, alphas = set(), []
+    for history in histories:
+        config = yaml.safe_load((tmp_path / history).with_name("config.yaml").read_text())
+        truths.add(config["data"]["init_args"]["truth"])
+        alphas.append(config["model"]["init_args"]["alpha"])
+    assert len(truths) == 1  # one truth
+    assert alphas == [float(label.split("=")[1]) for label in labels] == [0.3, 0.0]
+    out = tmp_path / (_option(plot, "--out") or "")
+    main(["plot", *(str(tmp_path / w) if w.startswith("runs/") else w for w in plot[2:]),
+          "--out", str(out)])
+    assert [p.name for p in out.glob("*.png")] == ["selection_head.flexact.png"]
+
+
+def test_readme_plot_folder_is_not_committed() -> None:
+    (plot,) = [c for c in _watching_commands() if c[:2] == ["flexact", "plot"]]
+    out = _option(plot, "--out")
+    assert out
+    try:
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{out}/selection_x.png"],
+                                 cwd=REPO, timeout=30, check=False)
+    except FileNotFoundError:
+        pytest.skip("git is not installed")
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0, f"{out}/ is not in .gitignore"
+
+
 @pytest.mark.slow
-def test_tensorboard_server_serves_series_and_layout(run_dir: Path) -> None:
+def test_tensorboard_server_serves_series_layout_and_every_heatmap(run_dir: Path,
+                                                                   tmp_path: Path) -> None:
+    """TensorBoard, started as the README says, serves the series, the layout and all images."""
+    (tensorboard,) = [c for c in _watching_commands() if c[0] == "tensorboard"]
+    logdir = tmp_path / "runs"
+    shutil.copytree(run_dir, logdir / "version_0")
+    many = 12  # more than TensorBoard's default of 10 images per tag
+    writer = SummaryWriter(str(logdir / "long"))
+    summary = {"flexact": {"candidates": CANDIDATES, "probabilities": [0.2] * 5}}
+    for step in range(many):
+        add_heatmap(writer, summary, step)
+    writer.close()
+    args = [str(logdir) if w == _option(tensorboard, "--logdir") else w for w in tensorboard[1:]]
     port = _free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir.parent),
-         "--port", str(port), "--host", "127.0.0.1"],
+        [sys.executable, "-m", "tensorboard.main", *args, "--port", str(port),
+         "--host", "127.0.0.1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}/data/plugin"
@@ -213,7 +304,8 @@ def test_tensorboard_server_serves_series_and_layout(run_dir: Path) -> None:
         while time.monotonic() < deadline:
             try:
                 tags = _get_json(f"{base}/scalars/tags")  # type: ignore[assignment]
-                if tags.get("version_0", {}).get("tau"):
+                images = _get_json(f"{base}/images/tags")
+                if tags.get("version_0", {}).get("tau") and "long" in images:  # type: ignore
                     break
             except OSError:
                 pass
@@ -222,8 +314,20 @@ def test_tensorboard_server_serves_series_and_layout(run_dir: Path) -> None:
         series = _get_json(f"{base}/scalars/scalars?run=version_0&tag=tau")
         assert isinstance(series, list) and len(series) > 20
         layout = _get_json(f"{base}/custom_scalars/layout")
-        titles = [c["title"] for c in layout["category"]]  # type: ignore[index]
-        assert titles == ["FlexAct selection", "FlexAct training"]
+        categories = {c["title"]: c["chart"] for c in layout["category"]}  # type: ignore
+        assert list(categories) == ["FlexAct selection: backbone.1",
+                                    "FlexAct selection: head.flexact", "FlexAct training"]
+        for chart in categories["FlexAct selection: head.flexact"]:
+            (pattern,) = chart["multiline"]["tag"]
+            query = urllib.parse.urlencode({"run": "version_0", "tag": pattern})
+            matched = _get_json(f"{base}/custom_scalars/scalars?{query}")
+            assert len(matched["tag_to_events"]) == 1, chart  # type: ignore[index]
+        heatmaps: list = []
+        while len(heatmaps) < many and time.monotonic() < deadline:  # all of them, in time
+            heatmaps = _get_json(  # type: ignore[assignment]
+                f"{base}/images/images?run=long&tag=selection/heatmap&sample=0")
+            time.sleep(0.2)
+        assert sorted(h["step"] for h in heatmaps) == list(range(many))
     finally:
         server.terminate()
         server.wait(timeout=20)

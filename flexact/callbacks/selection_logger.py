@@ -37,11 +37,13 @@ class SelectionLogger(SelectionMetrics):
     the final picks and writes ``selection.json`` (final picks) and one PNG per layer of
     probability against epoch.
 
-    With a ``TensorBoardLogger`` it also builds a dashboard: a "Custom Scalars" layout with one
-    multi-line chart per layer (all its candidates), charts of τ and of the entropies, a
-    layer × candidate heatmap image every epoch (for per-channel layers: the share of channels
-    that picked each candidate, and histograms of their probabilities), and the final picks as
-    text. Only rank 0 writes files and images.
+    With a ``TensorBoardLogger`` it also builds a dashboard: a "Custom Scalars" category per
+    layer with one chart per candidate (so that runs compared in one chart are told apart by
+    colour) and one of its entropy, a chart of τ, a layer × candidate heatmap image every epoch
+    (for per-channel layers: the share of channels that picked each candidate, and histograms
+    of their probabilities), and the final picks as text. TensorBoard shows 10 images per tag,
+    picked at random, unless started with ``--samples_per_plugin images=1000`` (up to 1000).
+    Only rank 0 writes files and images.
 
     Args:
         every_n_steps: Log every this many optimizer steps (and at every epoch end).

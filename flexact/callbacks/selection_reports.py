@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 import torch
@@ -39,17 +40,32 @@ def tensorboard_writer(trainer: Trainer) -> Any | None:
     return None
 
 
+def _exactly(tag: str) -> str:
+    """A custom-scalars tag pattern (a regex TensorBoard matches at the start) for ``tag`` only."""
+    return re.escape(tag) + "$"
+
+
 def add_layout(writer: Any, model: torch.nn.Module, log_entropy: bool) -> None:
-    """TensorBoard "Custom Scalars": a multi-line chart per layer, and charts of τ and entropy."""
+    """TensorBoard "Custom Scalars": per FlexAct layer a chart per candidate, and a chart of τ.
+
+    A chart draws each of its tags once per run, in the run's colour, so each chart holds one
+    tag: comparing runs, every line of a chart is a run (one chart with all of a layer's
+    candidates would draw them in one colour per run). Each layer is a category,
+    ``FlexAct selection: <layer>``, with one chart per candidate (its probability) and, with
+    ``log_entropy``, one of the layer's selection entropy; ``FlexAct training`` holds τ.
+    """
     layers = named_layers(model)
     if not layers:
         return
-    per_layer = {key: ["Multiline", [f"selection/{key}/{c}" for c in layer.candidate_names]]
-                 for key, layer in layers}
-    overview = {"temperature τ": ["Multiline", ["tau"]]}
-    if log_entropy:
-        overview["entropy"] = ["Multiline", [f"selection/{key}/entropy" for key, _ in layers]]
-    writer.add_custom_scalars({"FlexAct selection": per_layer, "FlexAct training": overview})
+    layout: dict[str, dict[str, list[Any]]] = {}
+    for key, layer in layers:
+        charts = {cand: ["Multiline", [_exactly(f"selection/{key}/{cand}")]]
+                  for cand in layer.candidate_names}
+        if log_entropy:
+            charts["selection entropy"] = ["Multiline", [_exactly(f"selection/{key}/entropy")]]
+        layout[f"FlexAct selection: {key}"] = charts
+    layout["FlexAct training"] = {"temperature τ": ["Multiline", [_exactly("tau")]]}
+    writer.add_custom_scalars(layout)
 
 
 def _all_candidates(summary: Summary) -> list[str]:
