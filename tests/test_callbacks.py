@@ -350,3 +350,12 @@ def test_run_checkpoint_never_saves_inside_an_accumulation_window(
 def test_bad_run_checkpoint_arguments(kwargs: dict[str, Any], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         RunCheckpoint(**kwargs)
+
+
+def test_run_checkpoint_state_survives_a_new_interval(tmp_path: Path) -> None:
+    saver = RunCheckpoint()
+    saver.best_model_path = str(tmp_path / "epoch=0-step=8.ckpt")
+    changed = RunCheckpoint(every_n_minutes=2, every_n_train_steps=3)
+    assert changed.state_key == saver.state_key  # found again when resumed with other settings
+    changed.load_state_dict(saver.state_dict())
+    assert changed.best_model_path == saver.best_model_path

@@ -87,8 +87,8 @@ class RunCheckpoint(ModelCheckpoint):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_minutes=self.every_n_minutes,
-                                        every_n_train_steps=self.every_n_train_steps)
+        # One per trainer: a run resumed with another interval still finds its state.
+        return self._generate_state_key()
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
