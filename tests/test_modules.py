@@ -77,12 +77,47 @@ def test_backbone_feature_inference() -> None:
     conv = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten())
     model = FlexActClassifier(backbone=conv, num_outputs=3, example_input_shape=[1, 6, 6])
     assert model.head.linear.in_features == 4 * 4 * 4
-    with pytest.raises(ConfigError, match="cannot infer in_features"):
-        FlexActClassifier(backbone=nn.Sequential(nn.Conv2d(1, 4, 3)), num_outputs=3)
+    # A backbone that does not tell its size: the head's first layer is sized at the first batch.
+    lazy = FlexActClassifier(backbone=nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()),
+                             num_outputs=3, hidden_features=8)
+    assert not lazy.model.is_materialized()
+    assert lazy(torch.randn(2, 1, 6, 6)).shape == (2, 3)
+    assert lazy.head.linear.in_features == 4 * 4 * 4 and lazy.model.is_materialized()
     with pytest.raises(ConfigError, match="num_outputs"):
         FlexActClassifier(in_features=3)
-    with pytest.raises(ConfigError, match=">= 2 classes"):
+    with pytest.raises(ConfigError, match="num_classes >= 2"):
         FlexActClassifier(in_features=3, num_outputs=1)
+    with pytest.raises(ConfigError, match="without a backbone the head needs in_features"):
+        FlexActClassifier(num_classes=3)
+
+
+def test_classifier_defaults_to_the_penultimate_head_and_takes_num_classes() -> None:
+    model = FlexActClassifier(in_features=12, num_classes=4)
+    head = model.model.head
+    assert head.linear.out_features == 12 and head.output is not None  # FlexAct not on logits
+    assert head.output.out_features == 4 and model.num_outputs == 4
+    assert FlexActClassifier(in_features=12, num_classes=4, hidden_features=None
+                             ).model.head.output is None  # the single-layer form on request
+    assert FlexActRegressor(in_features=12).model.head.output is None  # regression: the paper's
+    with pytest.raises(ConfigError, match="disagree"):
+        FlexActClassifier(in_features=12, num_classes=4, num_outputs=5)
+
+
+def test_a_lazily_sized_head_is_sized_from_the_data_before_training(tmp_path: Path) -> None:
+    """DDP refuses unsized parameters, so setup sizes the head from one validation batch."""
+    from flexact.datamodules.teacher import TeacherDataModule
+
+    sized: list[bool] = []
+
+    class Probe(L.Callback):
+        def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            sized.append(pl_module.model.is_materialized())
+
+    model = FlexActClassifier(backbone=nn.Sequential(nn.Linear(10, 6), nn.Tanh()),
+                              num_classes=2)
+    data = TeacherDataModule(depth=1, n_samples=200, batch_size=16)
+    _trainer(tmp_path, max_steps=2, callbacks=[Probe()]).fit(model, data)
+    assert sized == [True] and model.head.linear.in_features == 6
 
 
 def test_hparams_skip_module_arguments_but_keep_subclass_ones() -> None:
@@ -208,7 +243,8 @@ def test_resume_continues_temperature(tmp_path: Path) -> None:
 
 def test_compile_and_channels_last_options_match_eager(tmp_path: Path) -> None:
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    kwargs = dict(num_outputs=3, hidden_features=6, in_features=4, swap_backbone=True)
+    kwargs = dict(num_outputs=3, hidden_features=6, example_input_shape=[3, 8, 8],
+                  swap_backbone=True)
     eager = FlexActClassifier(backbone=backbone, **kwargs)  # type: ignore[arg-type]
     fast = FlexActClassifier(backbone=nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(),
                                                     nn.AdaptiveAvgPool2d(1), nn.Flatten()),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import inspect
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Literal
@@ -13,10 +12,11 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, Metric, MetricCollection
 
 from flexact.errors import ConfigError
-from flexact.modules.hparams import migrate_hparams, migrate_state_dict, unsaved_argument_names
+from flexact.modules.hparams import migrate_state_dict, migrated_file, unsaved_argument_names
+from flexact.modules.sizing import materialize_from_data
 from flexact.nn import FlexActNetwork, FlexActSpec, flexact_layers, selection_kl
 from flexact.nn.params import parameter_groups, unused_selection_parameters
 
@@ -35,14 +35,15 @@ class FlexActModule(L.LightningModule):
     Args:
         backbone: Feature extractor: any ``nn.Module``, a torchvision model (its final classifier
             is stripped automatically), or ``None`` to feed raw features to the head.
-        in_features: Size of the backbone's output features. Inferred when omitted: from the
-            data module under the CLI, from a stripped torchvision classifier, from a backbone
-            attribute ``out_features``/``num_features``/``feature_dim``/``embed_dim``, or by a dry
-            run on ``example_input_shape``.
+        in_features: Size of the raw features when ``backbone`` is ``None`` (taken from the
+            data module under the CLI). A backbone tells its own size (``out_features`` …, a
+            stripped torchvision classifier, a dry run on ``example_input_shape``), or the
+            head's first layer is sized from one batch of the data module at setup.
         num_outputs: Number of outputs (classes for classification, targets for regression);
             taken from the data module under the CLI; regression defaults to 1.
         hidden_features: Width of the FlexAct layer between two affine maps (FlexAct at the
-            penultimate layer); ``None`` for a single affine map followed by FlexAct.
+            penultimate layer, as the paper); ``None`` for a single affine map followed by
+            FlexAct; ``auto``: the task's default (:attr:`default_hidden_features`).
         flexact: The FlexAct settings (candidates, tau, kl_lambda, hard, granularity,
             eval_mode, prior, mode, compact_memory, candidate_kwargs) of the head, and of the
             backbone's swapped sites unless ``backbone_flexact`` is given.
@@ -59,11 +60,9 @@ class FlexActModule(L.LightningModule):
         backbone_flexact: FlexAct settings of the swapped backbone sites, if they differ from
             ``flexact``.
         sync_statistics: Under DDP, average the regularizer's gradient norms ḡ over all ranks
-            before computing p̃ = softmax(-ḡ/λ), so N devices with batch B train exactly as one
-            device with batch N·B (one small all-reduce per FlexAct layer and step; no effect on
-            one device). Off: each rank's p̃ comes from its own batch, and DDP's gradient
-            averaging makes the target the mean of the ranks' p̃ — the semantics of gradient
-            accumulation over N micro-batches.
+            before p̃ = softmax(-ḡ/λ), so N devices with batch B train as one device with batch
+            N·B (one small all-reduce per FlexAct layer and step). Off: each rank's p̃ comes
+            from its own batch (the semantics of gradient accumulation).
         kl_reduction: Combine the layers' KL terms by ``sum`` (the paper) or ``mean`` (keeps α's
             pull independent of depth; recommended with ``swap_backbone``).
         compile: Run the forward pass through ``torch.compile`` (FlexAct's training forward has no
@@ -75,19 +74,21 @@ class FlexActModule(L.LightningModule):
             too; false restricts it to the head, as in the paper (in hidden layers it pulls every
             layer toward Sigmoid: see the teacher benchmark in benchmarks/RESULTS.md).
 
-    The ``flexact`` command adds a :class:`~flexact.callbacks.FiniteGuard` and an
-    :class:`~flexact.callbacks.RNGState` to every run; with a plain ``Trainer``, add them.
+    The ``flexact`` command adds FiniteGuard and RNGState callbacks; a plain Trainer needs them.
     """
 
     default_num_outputs: int | None = None
     """``num_outputs`` when neither the caller nor the data module gives one."""
+    default_hidden_features: int | Literal["same"] | None = None
+    """``hidden_features: auto``: ``"same"`` (the feature size) puts FlexAct at the penultimate
+    layer; ``None`` is the single-layer model."""
 
     def __init__(
         self,
         backbone: nn.Module | None = None,
         in_features: PositiveInt | None = None,
         num_outputs: PositiveInt | None = None,
-        hidden_features: PositiveInt | None = None,
+        hidden_features: PositiveInt | Literal["auto"] | None = "auto",
         flexact: FlexActSpec = FlexActSpec(),  # noqa: B008 - frozen, so sharing it is safe
         alpha: NonNegativeFloat = 0.3,
         optimizer: OptimizerCallable = torch.optim.Adam,
@@ -130,9 +131,11 @@ class FlexActModule(L.LightningModule):
                                   "(e.g. a flexact.FlexActNetwork(backbone, head))")
             self.model = FlexActNetwork(backbone, head)
         if channels_last:
-            self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+            self.model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.configure_losses()
         self.configure_metrics()
+        # The val/test loss as an epoch mean that log_epoch_metrics synchronizes.
+        self.loss_means = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         for name, layer in flexact_layers(self.model):
             # Gradient norms are only needed where the KL term applies.
             in_backbone = name.startswith("backbone.")
@@ -161,7 +164,8 @@ class FlexActModule(L.LightningModule):
         hp = self.hparams
         self.model = FlexActNetwork.build(
             self._backbone_argument, self.num_outputs, in_features=hp.in_features,
-            hidden_features=hp.hidden_features, spec=self.spec,
+            hidden_features=(self.default_hidden_features if hp.hidden_features == "auto"
+                             else hp.hidden_features), spec=self.spec,
             swap_backbone=hp.swap_backbone, backbone_spec=self.backbone_spec,
             example_input_shape=hp.example_input_shape,
         )
@@ -204,19 +208,58 @@ class FlexActModule(L.LightningModule):
             self.log("train_task_loss", task_loss, batch_size=batch_size)
         else:
             loss = task_loss
-        on_step = stage == "train"
-        # Under DDP, val/test losses are averaged over ranks (once per epoch), so a monitored
-        # val_loss is the same on every rank; the training loss stays per rank (no per-step
-        # collective). torchmetrics metrics synchronize themselves.
-        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=on_step, on_epoch=True,
-                 batch_size=batch_size, sync_dist=stage != "train")
+        # Only updates here; the epoch values (synchronized under DDP) are logged by
+        # log_epoch_metrics. The training loss is this rank's own (no collective).
+        if stage == "train":
+            self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                     batch_size=batch_size)
+        else:
+            self.loss_means[stage].update(loss.detach(), weight=batch_size)
         metrics.update(self.metric_inputs(outputs), y)
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
         if stage == "train" and self._world_size() > 1:
             self._anchored = unused_selection_parameters(self.model)
             if self._anchored:
                 loss = loss + 0.0 * sum(p.sum() for p in self._anchored)
         return loss
+
+    def log_epoch_metrics(self, stage: str, metrics: MetricCollection) -> None:
+        """Compute a stage's epoch metrics (and val/test loss) and log them.
+
+        Under DDP this is where they synchronize across ranks (torchmetrics' all-gathers): in
+        the module's ``on_<stage>_epoch_end``, which every rank runs once per epoch at the same
+        point of Lightning's sequence. Lightning then logs the computed values, so nothing it
+        reads later (the progress bar, on rank 0 only, or any callback) runs a collective, and a
+        callback's own collective cannot cross a metric's, whatever the callback order. (Logged
+        as they were updated, Lightning would compute them, and synchronize, at whichever read
+        comes first: on rank 0, the progress bar's.) Subclasses that override an epoch-end hook
+        call ``super()``.
+
+        Args:
+            stage: ``train``, ``val`` or ``test``.
+            metrics: The stage's metrics (updated by every step).
+        """
+        logged: dict[str, Metric] = dict(metrics.items())
+        if stage in self.loss_means:
+            logged[f"{stage}_loss"] = self.loss_means[stage]
+        # update_count is alike on every rank (DDP runs the same number of batches on each)
+        logged = {name: metric for name, metric in logged.items() if metric.update_count}
+        for metric in logged.values():
+            metric.compute()  # the synchronization; Lightning's compute() gets the cached value
+        for name, metric in logged.items():
+            self.log(name, metric, on_step=False, on_epoch=True,
+                     prog_bar=name == f"{stage}_loss")
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's training metrics (:meth:`log_epoch_metrics`)."""
+        self.log_epoch_metrics("train", self.train_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        """Log the validation loss and metrics (:meth:`log_epoch_metrics`)."""
+        self.log_epoch_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        """Log the test loss and metrics (:meth:`log_epoch_metrics`)."""
+        self.log_epoch_metrics("test", self.test_metrics)
 
     def _world_size(self) -> int:
         trainer = getattr(self, "_trainer", None)
@@ -228,6 +271,11 @@ class FlexActModule(L.LightningModule):
             param.grad = None
         self._anchored = []
 
+    def setup(self, stage: str) -> None:
+        """Size a lazily sized head from one batch of the data module (before DDP wraps it)."""
+        if isinstance(self.model, FlexActNetwork):
+            materialize_from_data(self.model, self.trainer.datamodule, self.device)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Migrate the state dict of a checkpoint written before ``self.model`` existed."""
         migrate_state_dict(checkpoint.get("state_dict", {}))
@@ -237,14 +285,7 @@ class FlexActModule(L.LightningModule):
         cls, checkpoint_path: str | Path | IO[bytes], *args: Any, **kwargs: Any
     ) -> Any:
         """Lightning's ``load_from_checkpoint``, for checkpoints of every flexact version."""
-        if isinstance(checkpoint_path, (str, Path)) and Path(checkpoint_path).is_file():
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-            if migrate_hparams(checkpoint.get("hyper_parameters", {})):
-                buffer = io.BytesIO()
-                torch.save(checkpoint, buffer)
-                buffer.seek(0)
-                checkpoint_path = buffer
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        return super().load_from_checkpoint(migrated_file(checkpoint_path), *args, **kwargs)
 
     def regularizer(self) -> Tensor | None:
         """The term added to the training loss: α·Σ KL(p̃ ‖ p) over every FlexAct layer.

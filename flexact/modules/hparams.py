@@ -9,9 +9,12 @@ state-dict keys gain the ``model.`` prefix. Nothing is written back to the file.
 
 from __future__ import annotations
 
+import io
 from collections.abc import MutableMapping
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
+import torch
 from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import nn
@@ -21,7 +24,8 @@ try:  # Set by LightningCLI while it instantiates: then hparams hold configs, no
 except ImportError:  # pragma: no cover - older or newer Lightning without the context variable
     _given_hyperparameters = None
 
-__all__ = ["LEGACY_SPEC_KEYS", "migrate_hparams", "migrate_state_dict", "unsaved_argument_names"]
+__all__ = ["LEGACY_SPEC_KEYS", "migrate_hparams", "migrate_state_dict", "migrated_file",
+           "unsaved_argument_names"]
 
 LEGACY_SPEC_KEYS = ("candidates", "tau", "hard", "granularity", "eval_mode", "prior",
                     "kl_lambda", "mode")
@@ -43,6 +47,19 @@ def migrate_hparams(hparams: MutableMapping[str, Any]) -> bool:
     spec.update(legacy)
     hparams["flexact"] = spec
     return True
+
+
+def migrated_file(path: str | Path | IO[bytes]) -> str | Path | IO[bytes]:
+    """``path``, or an in-memory copy of it with migrated hyper-parameters if it needs them."""
+    if not isinstance(path, (str, Path)) or not Path(path).is_file():
+        return path
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if not migrate_hparams(checkpoint.get("hyper_parameters", {})):
+        return path
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 def migrate_state_dict(state_dict: MutableMapping[str, Any]) -> bool:

@@ -24,7 +24,7 @@ class FlexActHead(nn.Module):
     eq. 1).
 
     Args:
-        in_features: Size of each input sample.
+        in_features: Size of each input sample; ``None``: sized at the first batch.
         out_features: Size of each output sample.
         hidden_features: Width of the FlexAct layer between two affine maps, or ``None``.
         spec: The FlexAct layer's settings (:class:`~flexact.FlexActSpec`, a mapping of its
@@ -35,7 +35,7 @@ class FlexActHead(nn.Module):
 
     def __init__(
         self,
-        in_features: int,
+        in_features: int | None,
         out_features: int,
         hidden_features: int | None = None,
         spec: FlexActSpec | Mapping[str, Any] | Sequence[str] | None = None,
@@ -48,7 +48,7 @@ class FlexActHead(nn.Module):
                             hidden_features=hidden_features)
         spec = FlexActSpec.build(spec, **settings)
         width = hidden_features or out_features
-        self.linear = nn.Linear(in_features, width)
+        self.linear = nn.Linear(in_features, width) if in_features else nn.LazyLinear(width)
         self.flexact = FlexAct(spec, num_channels=width if spec.granularity == "channel" else None,
                                channel_dim=-1, regularize=regularize)
         self.output = nn.Linear(width, out_features) if hidden_features else None

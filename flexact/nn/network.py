@@ -10,7 +10,7 @@ freezes; it can be built and trained without Lightning::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +23,7 @@ from flexact.nn.surgery import Swap, swap_activations
 __all__ = ["FlexActNetwork", "infer_features", "strip_classifier"]
 
 _FEATURE_ATTRIBUTES = ("out_features", "num_features", "feature_dim", "embed_dim")
+_LAZY_WIDTH = 512  # the penultimate width where the feature size is only known at run time
 SpecLike = FlexActSpec | Mapping[str, Any] | Sequence[str] | None
 
 
@@ -45,6 +46,21 @@ class FlexActNetwork(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.backbone(x))
 
+    def is_materialized(self) -> bool:
+        """Whether every parameter has its size (no lazily sized layer is waiting for data)."""
+        return not any(isinstance(p, nn.parameter.UninitializedParameter)
+                       for p in self.parameters())
+
+    @torch.no_grad()
+    def materialize(self, x: Tensor) -> None:
+        """Size lazily sized layers from a sample input (no statistics or state change)."""
+        was_training = self.training
+        self.eval()
+        try:
+            self(x[:2])
+        finally:
+            self.train(was_training)
+
     @classmethod
     def build(
         cls,
@@ -52,7 +68,7 @@ class FlexActNetwork(nn.Module):
         out_features: int,
         *,
         in_features: int | None = None,
-        hidden_features: int | None = None,
+        hidden_features: int | Literal["same"] | None = None,
         spec: SpecLike = None,
         swap_backbone: bool = False,
         backbone_spec: SpecLike = None,
@@ -65,10 +81,13 @@ class FlexActNetwork(nn.Module):
             backbone: Any ``nn.Module`` (a torchvision model's final classifier is stripped),
                 or ``None`` for raw features.
             out_features: Outputs of the head (classes, regression targets).
-            in_features: The backbone's feature size; inferred when omitted (see
-                :func:`infer_features`).
+            in_features: Size of the raw features when there is no backbone. With a backbone
+                the size comes from the backbone (:func:`infer_features`); a backbone that does
+                not tell it gets a head whose first layer is sized at the first batch
+                (``nn.LazyLinear``; :meth:`materialize` does it ahead of time).
             hidden_features: Width of the FlexAct layer between two affine maps (FlexAct at
-                the penultimate layer); ``None``: one affine map followed by FlexAct.
+                the penultimate layer; ``"same"``: the feature size, or 512 where the backbone
+                does not tell it); ``None``: one affine map followed by FlexAct.
             spec: Settings of the head's FlexAct layer (and of the backbone's sites unless
                 ``backbone_spec`` is given).
             swap_backbone: Replace every activation module of the backbone by a FlexAct layer.
@@ -78,9 +97,16 @@ class FlexActNetwork(nn.Module):
             regularize: Measure gradient norms for the regularizer in training.
         """
         spec = FlexActSpec.build(spec)
-        backbone = backbone if backbone is not None else nn.Identity()
-        stripped = strip_classifier(backbone)
-        features = in_features or stripped or infer_features(backbone, example_input_shape)
+        if backbone is None:
+            if in_features is None:
+                raise ConfigError("without a backbone the head needs in_features (the size of "
+                                  "the raw features): set it, or use a data module that has "
+                                  "a `num_features` attribute")
+            backbone, features = nn.Identity(), in_features
+        else:
+            features = strip_classifier(backbone) or infer_features(backbone, example_input_shape)
+        if hidden_features == "same":
+            hidden_features = features or _LAZY_WIDTH
         head = FlexActHead(features, out_features, hidden_features, spec, regularize=regularize)
         swaps: list[Swap] = []
         if swap_backbone:
@@ -122,28 +148,21 @@ def strip_classifier(backbone: nn.Module) -> int | None:
     return None
 
 
-def infer_features(backbone: nn.Module, example_input_shape: Sequence[int] | None) -> int:
-    """The size of the backbone's features.
+def infer_features(backbone: nn.Module, example_input_shape: Sequence[int] | None) -> int | None:
+    """The size of the backbone's features, or ``None`` if the backbone does not tell it.
 
     From an attribute ``out_features``/``num_features``/``feature_dim``/``embed_dim``, else by
     one dry run on a zero input of ``example_input_shape``.
-
-    Raises:
-        ConfigError: If neither is available.
     """
     for attr in _FEATURE_ATTRIBUTES:
         value = getattr(backbone, attr, None)
         if isinstance(value, int) and value > 0:
             return value
-    if example_input_shape:
-        was_training = backbone.training
-        backbone.eval()
-        with torch.no_grad():
-            features = backbone(torch.zeros(2, *example_input_shape))
-        backbone.train(was_training)
-        return int(features.flatten(1).shape[1])
-    raise ConfigError(
-        "cannot infer in_features: set model in_features, give the backbone an "
-        "`out_features` attribute, or set example_input_shape (one sample's shape) so the "
-        "backbone can be run once"
-    )
+    if not example_input_shape:
+        return None
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        features = backbone(torch.zeros(2, *example_input_shape))
+    backbone.train(was_training)
+    return int(features.flatten(1).shape[1])
