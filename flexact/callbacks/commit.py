@@ -1,37 +1,60 @@
-"""``SelectionCommit``: fix every FlexAct layer's pick for the last part of training."""
+"""``SelectionCommit``: fix each FlexAct layer's pick for the rest of training.
+
+``mode: fixed`` commits every layer after a fraction ``at`` of the run. ``mode: adaptive``
+commits each layer on its own once it has settled (its top probability at or above
+``threshold`` for ``patience`` consecutive checks, checked every ``check_every_n_steps``
+steps and never before ``min_fraction`` of the run), and every layer still open at ``at``.
+A committed layer applies only its pick, so it costs what that activation costs.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
 import lightning as L
+import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
 from flexact.callbacks._checks import check_positive_int
 from flexact.callbacks.progress import progress_position, run_length
+from flexact.callbacks.selection_summary import named_layers
 from flexact.errors import ConfigError
-from flexact.nn import flexact_layers
+from flexact.nn import FlexAct
 
 __all__ = ["SelectionCommit"]
 
 
+def _fraction(name: str, value: object) -> float:
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ConfigError(f"SelectionCommit {name} must be a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
 class SelectionCommit(Callback):
-    """Commit every FlexAct layer to its pick after a fraction of training.
+    """Commit FlexAct layers to their picks: all at a fraction of training, or each when settled.
 
-    Before the commit the layers select as usual (Gumbel-Softmax mixture plus regularizer);
-    after it they apply exactly the picked activation in training too, so the remaining steps
-    fine-tune the weights to the activation that evaluation uses. Without it, the weights end
-    fitted to a blend whenever the selection is not one-hot, which the bias-correcting KL keeps
-    it from becoming (see benchmarks/RESULTS.md, Table 1). Not part of the paper's method.
+    Before its commit a layer selects as usual (Gumbel-Softmax mixture plus regularizer); after
+    it, it applies exactly the picked activation in training too, so the remaining steps
+    fine-tune the weights to the activation that evaluation uses. Not part of the paper's method
+    (see benchmarks/RESULTS.md, Table 1).
 
-    The commit is a pure function of the trainer's progress, so resumed and multi-device runs
-    agree. Its state (whether and at which position it committed) is saved in checkpoints.
+    Every decision is a function of the trainer's progress and of the logits, which are equal on
+    all ranks, so resumed and multi-device runs commit at the same steps. The commit step of each
+    layer is kept in checkpoints, logged as ``selection/<layer>/committed_at`` and written to
+    ``selection.json`` by :class:`~flexact.callbacks.SelectionLogger`.
 
     Args:
-        at: Fraction of the run (0–1) after which the layers commit.
+        at: Fraction of the run (0–1) after which every layer is committed (the latest moment).
         interval: Measure progress in optimizer ``step``s or ``epoch``s.
         total: Length of the run in intervals; defaults to the trainer's.
+        mode: ``fixed``: all layers at ``at``; ``adaptive``: each layer once it has settled.
+        threshold: Adaptive: the top selection probability a settled layer holds (per-channel
+            layers: every channel's).
+        patience: Adaptive: consecutive checks at or above ``threshold`` before a commit.
+        min_fraction: Adaptive: no commit before this fraction of the run.
+        check_every_n_steps: Adaptive: read the probabilities (one device-to-host copy for all
+            layers) every this many optimizer steps, never more often.
     """
 
     def __init__(
@@ -39,49 +62,103 @@ class SelectionCommit(Callback):
         at: ClosedUnitInterval = 0.7,
         interval: Literal["step", "epoch"] = "step",
         total: PositiveInt | None = None,
+        mode: Literal["fixed", "adaptive"] = "fixed",
+        threshold: ClosedUnitInterval = 0.9,
+        patience: PositiveInt = 3,
+        min_fraction: ClosedUnitInterval = 0.2,
+        check_every_n_steps: PositiveInt = 50,
     ) -> None:
-        if isinstance(at, bool) or not (isinstance(at, (int, float)) and 0.0 <= at <= 1.0):
-            raise ConfigError(f"SelectionCommit at must be a fraction in [0, 1], got {at!r}")
+        self.at = _fraction("at", at)
         if interval not in ("step", "epoch"):
             raise ConfigError(f"SelectionCommit interval must be 'step' or 'epoch', "
                               f"got {interval!r}")
-        self.at = float(at)
+        if mode not in ("fixed", "adaptive"):
+            raise ConfigError(f"SelectionCommit mode must be 'fixed' or 'adaptive', got {mode!r}")
         self.interval: Literal["step", "epoch"] = interval
         self.total = None if total is None else check_positive_int("SelectionCommit", "total",
                                                                    total)
-        self.committed = False
+        self.mode = mode
+        self.threshold = _fraction("threshold", threshold)
+        self.patience = check_positive_int("SelectionCommit", "patience", patience)
+        self.min_fraction = _fraction("min_fraction", min_fraction)
+        if self.min_fraction > self.at:
+            raise ConfigError(f"SelectionCommit min_fraction ({min_fraction}) must not exceed at "
+                              f"({at}): no layer could commit early")
+        self.check_every_n_steps = check_positive_int("SelectionCommit", "check_every_n_steps",
+                                                      check_every_n_steps)
+        self.committed_steps: dict[str, int] = {}
+        """Global step at which each layer (by its metric name) committed."""
+        self.streaks: dict[str, int] = {}
+        self.committed = False  # every layer committed
         self.committed_at: int | None = None
-        """Progress position (steps or epochs, per ``interval``) at which the layers committed."""
+        """Progress position (steps or epochs, per ``interval``) at which the last layer
+        committed."""
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(at=self.at, interval=self.interval)
+        if self.mode == "fixed":  # the key of earlier versions: their checkpoints keep loading
+            return self._generate_state_key(at=self.at, interval=self.interval)
+        return self._generate_state_key(at=self.at, interval=self.interval, mode=self.mode)
 
-    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, force: bool) -> None:
+    # ----------------------------------------------------------------- decisions
+    def _commit(self, trainer: L.Trainer, name: str, layer: FlexAct) -> None:
+        layer.commit(True)
+        step = self.committed_steps.setdefault(name, trainer.global_step)
+        self.streaks.pop(name, None)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"selection/{name}/committed_at": float(step)}, step=step)
+
+    def _settled_layers(self, open_layers: list[tuple[str, FlexAct]]) -> list[str]:
+        """Update the streaks from one read of every open layer's weakest top probability."""
+        tops = torch.stack([layer.probabilities().max(dim=-1).values.min()
+                            for _, layer in open_layers]).cpu().tolist()
+        settled = []
+        for (name, _), top in zip(open_layers, tops, strict=True):
+            self.streaks[name] = self.streaks.get(name, 0) + 1 if top >= self.threshold else 0
+            if self.streaks[name] >= self.patience:
+                settled.append(name)
+        return settled
+
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, start: bool) -> None:
+        layers = named_layers(pl_module)
+        if start:  # a resume, or a new run: bring every layer to the recorded state
+            for name, layer in layers:
+                layer.commit(name in self.committed_steps)
         total = run_length(trainer, self.interval, self.total, "SelectionCommit")
         position = progress_position(trainer, self.interval)
-        committed = position >= self.at * total
-        if force or committed != self.committed:
-            for _, layer in flexact_layers(pl_module):
-                layer.commit(committed)
-        if committed and self.committed_at is None:
+        open_layers = [(n, layer) for n, layer in layers if n not in self.committed_steps]
+        if position >= self.at * total:
+            for name, layer in open_layers:
+                self._commit(trainer, name, layer)
+        elif (self.mode == "adaptive" and open_layers and not start
+              and position >= self.min_fraction * total
+              and trainer.global_step % self.check_every_n_steps == 0):
+            by_name = dict(open_layers)
+            for name in self._settled_layers(open_layers):
+                self._commit(trainer, name, by_name[name])
+        everything = bool(layers) and all(n in self.committed_steps for n, _ in layers)
+        if everything and not self.committed:
             self.committed_at = position
-        elif not committed:
-            self.committed_at = None
-        self.committed = committed
+        self.committed = everything
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._apply(trainer, pl_module, force=True)  # also restores the state after a resume
+        self._apply(trainer, pl_module, start=True)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        self._apply(trainer, pl_module, force=False)
+        self._apply(trainer, pl_module, start=False)
 
+    # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {"committed": self.committed, "committed_at": self.committed_at, "at": self.at,
-                "interval": self.interval}
+                "interval": self.interval, "mode": self.mode,
+                "committed_steps": dict(self.committed_steps), "streaks": dict(self.streaks)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.committed = state_dict.get("committed", self.committed)
         self.committed_at = state_dict.get("committed_at", self.committed_at)
+        self.committed_steps = dict(state_dict.get("committed_steps", {}))
+        self.streaks = dict(state_dict.get("streaks", {}))
+        # A state written before per-layer steps existed has none: its layers commit again at
+        # train start if the run is past `at`, as they did then.

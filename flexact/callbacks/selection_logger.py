@@ -93,6 +93,10 @@ class SelectionLogger(SelectionMetrics):
     def _finish(self, trainer: L.Trainer, log_dir: str) -> None:
         super()._finish(trainer, log_dir)  # the history CSV
         rank_zero_info("FlexAct selection:\n" + format_table(self.summary))
+        for callback in trainer.callbacks:  # each layer's commit step (SelectionCommit)
+            for name, step in getattr(callback, "committed_steps", {}).items():
+                if name in self.summary:
+                    self.summary[name]["committed_at"] = step
         self.output_path = write_summary_json(os.path.join(log_dir, self.filename), self.summary)
         if self.plots and self.history_path is not None:
             self.plot_paths = [str(p) for p in plot_history(self.history_path, log_dir)]

@@ -1,0 +1,122 @@
+"""SelectionCommit's adaptive mode: each layer commits once settled, identically after a resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import nn
+
+from flexact import ConfigError, freeze_selection
+from flexact.callbacks import RNGState, SelectionCommit, SelectionLogger
+from flexact.datamodules import SyntheticDataModule
+from flexact.modules import FlexActRegressor
+
+# The head starts settled (a strong prior on relu); the backbone site starts uniform.
+SETTLED = {"prior": [0.97, 0.01, 0.01, 0.005, 0.005]}
+
+
+def _module() -> FlexActRegressor:
+    backbone = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    return FlexActRegressor(backbone=backbone, hidden_features=3, flexact=SETTLED,
+                            swap_backbone=True, backbone_flexact={},
+                            optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+
+
+def _adaptive() -> SelectionCommit:
+    return SelectionCommit(mode="adaptive", at=0.9, threshold=0.9, patience=2,
+                           min_fraction=0.1, check_every_n_steps=4)
+
+
+def _fit(root: Path, commit: SelectionCommit, ckpt_path: Path | None = None,
+         extra: list[L.Callback] | None = None) -> tuple[L.Trainer, FlexActRegressor]:
+    L.seed_everything(0)
+    model = _module()
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=root, limit_val_batches=0,
+                        callbacks=[commit, RNGState(), *(extra or [])])
+    trainer.fit(model, SyntheticDataModule(n_train=160, batch_size=16), ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def test_each_layer_commits_when_settled_and_the_rest_at_the_latest(tmp_path: Path) -> None:
+    commit = _adaptive()
+    checks: list[int] = []
+    original = commit._settled_layers
+
+    def spy(open_layers: list[Any]) -> list[str]:
+        checks.append(trainer_ref[0].global_step)
+        return original(open_layers)
+
+    trainer_ref: list[L.Trainer] = []
+
+    class Ref(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            trainer_ref.append(trainer)
+
+    commit._settled_layers = spy  # type: ignore[method-assign]
+    trainer, model = _fit(tmp_path, commit, extra=[Ref()])
+    total = trainer.estimated_stepping_batches  # 40
+    assert set(commit.committed_steps) == {"backbone.1", "head.flexact"}
+    head, site = commit.committed_steps["head.flexact"], commit.committed_steps["backbone.1"]
+    # The settled head: at its second check after min_fraction (step 4 is the first ≥ 4).
+    assert head == 8 and head < 0.9 * total
+    assert site == 36  # never settled: committed at `at` (0.9 × 40)
+    assert checks and all(step % 4 == 0 and step >= 0.1 * total for step in checks)
+    assert model.model.head.flexact.committed and model.model.backbone[1].committed
+    assert commit.committed and commit.committed_at == 36
+
+
+def test_a_resumed_run_commits_at_the_same_steps(tmp_path: Path) -> None:
+    full_commit = _adaptive()
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}",
+                            every_n_train_steps=6, save_top_k=-1)
+    _, full = _fit(tmp_path / "full", full_commit, extra=[saver])
+    # Step 6: the head has one check behind it (streak 1) and commits at step 8 only if the
+    # streak is restored.
+    resumed_commit = _adaptive()
+    _, resumed = _fit(tmp_path / "resumed", resumed_commit, ckpt_path=tmp_path / "ckpt" /
+                      "step=6.ckpt")
+    assert resumed_commit.committed_steps == full_commit.committed_steps
+    for key, value in full.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_commit_steps_reach_selection_json(tmp_path: Path) -> None:
+    commit = _adaptive()
+    logger = L.pytorch.loggers.TensorBoardLogger(tmp_path, name="run")
+    L.seed_everything(0)
+    trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=logger,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, callbacks=[commit, SelectionLogger(plots=False)])
+    trainer.fit(_module(), SyntheticDataModule(n_train=160, batch_size=16))
+    selection = json.loads((Path(trainer.log_dir) / "selection.json").read_text())
+    assert {k: v["committed_at"] for k, v in selection.items()} == commit.committed_steps
+
+
+def test_a_committed_model_is_the_frozen_model(tmp_path: Path) -> None:
+    _, model = _fit(tmp_path, _adaptive())
+    frozen = freeze_selection(model.model).eval()
+    x = torch.randn(9, 4)
+    model.train()  # committed layers apply exactly their pick in training too
+    with torch.no_grad():
+        torch.testing.assert_close(model.model(x), frozen(x))
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"mode": "sometimes"}, "mode"),
+    ({"threshold": 1.5}, "threshold"),
+    ({"patience": 0}, "patience"),
+    ({"min_fraction": 0.8, "at": 0.5}, "min_fraction"),
+    ({"check_every_n_steps": 0}, "check_every_n_steps"),
+])
+def test_bad_adaptive_arguments_are_clear_errors(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        SelectionCommit(**kwargs)
