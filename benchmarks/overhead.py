@@ -1,11 +1,11 @@
 """What FlexAct costs: step time and memory against the same network with fixed ReLUs.
 
-Side by side in one process (interleaved repeats, medians), three comparisons:
+Side by side in one process (interleaved repeats, medians), four comparisons:
 
 1. CIFAR ResNet18 with a plain head (Linear → ReLU → Linear) vs the FlexAct head; the heads
    alone as well, since their difference is below the step-to-step noise.
 2. CIFAR ResNet18 with ReLU at every site vs FlexAct at every site (one selection per site,
-   and one per channel).
+   and one per channel), and with every FlexAct site committed (issue 15: ≤ 1.05×).
 3. The FlexAct layer alone vs ``nn.ReLU`` on a large tensor (forward + backward).
 
 A step is forward, loss (plus α·KL for FlexAct models), backward and an SGD update. Memory is
@@ -168,6 +168,18 @@ def run(batch: int, repeats: int, steps: int, device: torch.device,
             (classifier_step(flex_net, x, y, 0.3, compile_model, bf16),
              lambda net=flex_net: net(x)),  # type: ignore[misc]
             device, repeats, steps, bf16, not compile_model))
+
+    # After SelectionCommit every site applies its pick only (here ReLU, the argmax of equal
+    # logits): a committed FlexAct-everywhere network should step as fast as the ReLU one.
+    committed = nn.Sequential(cifar_resnet18(activation="flexact"), nn.Linear(512, 10)).to(device)
+    for layer in committed.modules():
+        if isinstance(layer, FlexAct):
+            layer.commit()
+    rows.append(compare(
+        "ResNet18: ReLU everywhere vs FlexAct everywhere, committed",
+        (classifier_step(relu_net, x, y, 0.3, compile_model, bf16), lambda: relu_net(x)),
+        (classifier_step(committed, x, y, 0.3, compile_model, bf16), lambda: committed(x)),
+        device, repeats, steps, bf16, not compile_model))
 
     big = torch.randn(batch * 4, 64, 32, 32, device=device, requires_grad=True)
     relu, layer = nn.ReLU(), FlexAct().to(device)
