@@ -4,7 +4,9 @@
 commits each layer on its own once it has settled (its top probability at or above
 ``threshold`` for ``patience`` consecutive checks, checked every ``check_every_n_steps``
 steps and never before ``min_fraction`` of the run), and every layer still open at ``at``.
-A committed layer applies only its pick, so it costs what that activation costs.
+A committed layer applies only its pick, so it costs what that activation costs. With
+``prune_below: ε`` the same checks also drop, for good, every candidate whose probability
+stayed below ε for ``patience`` checks, so an open layer mixes fewer candidates.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class SelectionCommit(Callback):
         min_fraction: Adaptive: no commit before this fraction of the run.
         check_every_n_steps: Adaptive: read the probabilities (one device-to-host copy for all
             layers) every this many optimizer steps, never more often.
+        prune_below: Adaptive: drop a candidate whose probability (per-channel layers: in
+            every channel) stayed below this for ``patience`` checks; ``null``: no pruning.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class SelectionCommit(Callback):
         patience: PositiveInt = 3,
         min_fraction: ClosedUnitInterval = 0.2,
         check_every_n_steps: PositiveInt = 50,
+        prune_below: ClosedUnitInterval | None = None,
     ) -> None:
         self.at = _fraction("at", at)
         if interval not in ("step", "epoch"):
@@ -86,9 +91,12 @@ class SelectionCommit(Callback):
                               f"({at}): no layer could commit early")
         self.check_every_n_steps = check_positive_int("SelectionCommit", "check_every_n_steps",
                                                       check_every_n_steps)
+        self.prune_below = None if prune_below is None else _fraction("prune_below", prune_below)
         self.committed_steps: dict[str, int] = {}
         """Global step at which each layer (by its metric name) committed."""
         self.streaks: dict[str, int] = {}
+        self.low_streaks: dict[str, dict[str, int]] = {}  # layer → candidate → checks below ε
+        self.pruned: dict[str, list[str]] = {}  # layer → candidates dropped, in order
         self.committed = False  # every layer committed
         self.committed_at: int | None = None
         """Progress position (steps or epochs, per ``interval``) at which the last layer
@@ -109,20 +117,45 @@ class SelectionCommit(Callback):
             logger.log_metrics({f"selection/{name}/committed_at": float(step)}, step=step)
 
     def _settled_layers(self, open_layers: list[tuple[str, FlexAct]]) -> list[str]:
-        """Update the streaks from one read of every open layer's weakest top probability."""
-        tops = torch.stack([layer.probabilities().max(dim=-1).values.min()
-                            for _, layer in open_layers]).cpu().tolist()
+        """Update the streaks from one read of every open layer's probabilities; prune."""
+        # Per layer: the weakest channel's top probability, then each candidate's largest one.
+        rows = [torch.cat([probs.max(dim=-1).values.min().reshape(1),
+                           probs.reshape(-1, probs.shape[-1]).max(dim=0).values])
+                for probs in (layer.probabilities() for _, layer in open_layers)]
+        values = torch.cat(rows).cpu().tolist()  # the one device-to-host copy of this check
         settled = []
-        for (name, _), top in zip(open_layers, tops, strict=True):
+        for name, layer in open_layers:
+            top, candidate_max = values[0], values[1:1 + len(layer.candidate_names)]
+            values = values[1 + len(layer.candidate_names):]
             self.streaks[name] = self.streaks.get(name, 0) + 1 if top >= self.threshold else 0
             if self.streaks[name] >= self.patience:
                 settled.append(name)
+            elif self.prune_below is not None:
+                self._prune(name, layer, dict(zip(layer.candidate_names, candidate_max,
+                                                  strict=True)))
         return settled
+
+    def _prune(self, name: str, layer: FlexAct, probability: dict[str, float]) -> None:
+        lows = self.low_streaks.setdefault(name, {})
+        for candidate in layer.live_names:
+            below = probability[candidate] < self.prune_below  # type: ignore[operator]
+            lows[candidate] = lows.get(candidate, 0) + 1 if below else 0
+        drop = [c for c in layer.live_names if lows[c] >= self.patience]
+        if len(drop) == len(layer.live_names):  # the most probable stays
+            drop.remove(max(drop, key=probability.__getitem__))
+        if drop:
+            layer.drop(drop)
+            self.pruned.setdefault(name, []).extend(drop)
+            for candidate in drop:
+                lows.pop(candidate)
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, start: bool) -> None:
         layers = named_layers(pl_module)
         if start:  # a resume, or a new run: bring every layer to the recorded state
             for name, layer in layers:
+                gone = [c for c in self.pruned.get(name, []) if c in layer.live_names]
+                if gone:
+                    layer.drop(gone)
                 layer.commit(name in self.committed_steps)
         total = run_length(trainer, self.interval, self.total, "SelectionCommit")
         position = progress_position(trainer, self.interval)
@@ -153,12 +186,16 @@ class SelectionCommit(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"committed": self.committed, "committed_at": self.committed_at, "at": self.at,
                 "interval": self.interval, "mode": self.mode,
-                "committed_steps": dict(self.committed_steps), "streaks": dict(self.streaks)}
+                "committed_steps": dict(self.committed_steps), "streaks": dict(self.streaks),
+                "low_streaks": {k: dict(v) for k, v in self.low_streaks.items()},
+                "pruned": {k: list(v) for k, v in self.pruned.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.committed = state_dict.get("committed", self.committed)
         self.committed_at = state_dict.get("committed_at", self.committed_at)
         self.committed_steps = dict(state_dict.get("committed_steps", {}))
         self.streaks = dict(state_dict.get("streaks", {}))
+        self.low_streaks = {k: dict(v) for k, v in state_dict.get("low_streaks", {}).items()}
+        self.pruned = {k: list(v) for k, v in state_dict.get("pruned", {}).items()}
         # A state written before per-layer steps existed has none: its layers commit again at
         # train start if the run is past `at`, as they did then.

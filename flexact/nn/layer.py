@@ -18,6 +18,7 @@ from flexact.nn.gumbel import gumbel_softmax
 from flexact.nn.kernels import closed_form_mixture
 from flexact.nn.mixture import _general_mixture, apply_per_channel, channel_dim_of, mixture
 from flexact.nn.norms import all_ranks_mean, gradient_norms
+from flexact.nn.pruning import PruningMixin
 from flexact.nn.registry import get_activation
 from flexact.nn.spec import (
     CandidateStateMixin,
@@ -30,7 +31,7 @@ from flexact.nn.spec import (
 
 __all__ = ["FlexAct", "flexact_layers"]
 
-class FlexAct(CandidateStateMixin, nn.Module):
+class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
     """Activation layer that learns to pick one of several candidate activations.
 
     In training it outputs ``Σⱼ pⱼ σⱼ(x)`` with ``p ~ GumbelSoftmax(logits, τ)`` drawn once per
@@ -90,6 +91,7 @@ class FlexAct(CandidateStateMixin, nn.Module):
         start = torch.zeros(len(names)) if spec.prior is None else torch.tensor(spec.prior).log()
         self.logits = nn.Parameter((start - start.logsumexp(0)).expand(shape).clone())
         self.register_buffer("temperature", torch.tensor(spec.tau))
+        self._set_active(None)  # every candidate live until prune()
         # Pseudo-probabilities p̃ from the last training forward; a target, never differentiated.
         self._targets: Tensor | None = None
         # Average ḡ over all ranks of torch.distributed before p̃ = softmax(-ḡ/λ), so N devices
@@ -114,17 +116,16 @@ class FlexAct(CandidateStateMixin, nn.Module):
         self.temperature.fill_(check_tau(value))
 
     def probabilities(self) -> Tensor:
-        """Selection probabilities ``softmax(logits)``: ``(p,)`` or ``(C, p)``, detached."""
-        return torch.softmax(self.logits.detach().float(), dim=-1)
+        """``softmax(logits)``, ``(p,)`` or ``(C, p)``, detached; pruned candidates get 0."""
+        return self._scatter_live(torch.softmax(self.selection_logits().detach().float(), -1))
 
     def selected(self) -> list[str]:
         """The picked candidate name: one for ``"layer"``, one per channel for ``"channel"``."""
-        picks = self.logits.detach().argmax(dim=-1).reshape(-1).tolist()
-        return [self.candidate_names[i] for i in picks]
+        return [self.candidate_names[i] for i in self.picks().reshape(-1).tolist()]
 
     def sample_weights(self) -> Tensor:
-        """Draw mixture weights from GumbelSoftmax(logits, τ) (straight-through if ``hard``)."""
-        return gumbel_softmax(self.logits, self.temperature, self.hard)
+        """Live candidates' weights from GumbelSoftmax(logits, τ) (straight-through if hard)."""
+        return gumbel_softmax(self.selection_logits(), self.temperature, self.hard)
 
     def forward(self, x: Tensor, input_weight: Tensor | None = None) -> Tensor:
         """Apply the layer.
@@ -144,15 +145,16 @@ class FlexAct(CandidateStateMixin, nn.Module):
         if not self.training:
             if self.eval_mode == "argmax":
                 return self._apply_pick(x, channel_dim)
-            return mixture(x, self.probabilities().to(self.logits.dtype), self.candidates,
-                           channel_dim)
+            probs = torch.softmax(self.selection_logits().detach().float(), -1)
+            return mixture(x, probs.to(self.logits.dtype), self.live_candidates(), channel_dim)
         measure = self.regularize and torch.is_grad_enabled()
         weights = self._training_weights()
         save_dtype = torch.bfloat16 if self.compact_memory else None
         # The closed form measures ḡ from the values its forward computes anyway, unless the
         # norms run through an input weight (docs/method.md eq. 1): then they are measured here.
         own_norms = measure and input_weight is None
-        closed = closed_form_mixture(x, weights, self.candidates, channel_dim, save_dtype,
+        live = self.live_candidates()
+        closed = closed_form_mixture(x, weights, live, channel_dim, save_dtype,
                                      want_norms=own_norms)
         norms = None if closed is None else closed[1]
         if norms is not None:
@@ -160,7 +162,7 @@ class FlexAct(CandidateStateMixin, nn.Module):
         elif measure:
             self._targets = self._pseudo_probabilities(x, input_weight, channel_dim)
         if closed is None:
-            return _general_mixture(x, weights, self.candidates, channel_dim, save_dtype)
+            return _general_mixture(x, weights, live, channel_dim, save_dtype)
         return closed[0]
 
     def _channel_dim(self, x: Tensor) -> int | None:
@@ -173,12 +175,11 @@ class FlexAct(CandidateStateMixin, nn.Module):
                           residual: Tensor | None = None) -> Tensor:
         """``self(norm(z) + residual)``, fused in training so that ``norm(z)`` is never stored.
 
-        A FlexAct layer must keep its input for backward, one activation-sized tensor more than
-        a ReLU network stores. After a batch norm that input can be recomputed from the batch
-        norm's own input instead (:func:`flexact.nn.kernels.batchnorm_mixture`): memory as with a
-        ReLU, exact gradients, the same running statistics. Falls back to the modules one after
-        the other wherever that does not apply (eval, committed, other norms or candidates,
-        forward hooks on either module, a residual of another dtype).
+        After a batch norm, the layer's input is recomputed in backward from the norm's own
+        input (:func:`flexact.nn.batchnorm.batchnorm_mixture`) instead of being stored: memory
+        as with a ReLU, exact gradients, the same running statistics. Elsewhere (eval,
+        committed, other norms or candidates, hooks, a residual of another dtype) the modules
+        run one after the other.
 
         Args:
             z: Input of ``norm`` (channels in dimension 1).
@@ -193,7 +194,7 @@ class FlexAct(CandidateStateMixin, nn.Module):
         if (self.training and not self.committed
                 and not (self._forward_hooks or self._forward_pre_hooks)  # they expect a call
                 and fusable_batchnorm(z, norm, channel_dim, residual)):
-            rows = basis_rows(self.candidates)
+            rows = basis_rows(self.live_candidates())
         if rows is not None:
             measure = self.regularize and torch.is_grad_enabled()
             out, norms = batchnorm_mixture(z, norm, residual, self._training_weights(), rows,
@@ -208,8 +209,8 @@ class FlexAct(CandidateStateMixin, nn.Module):
         """The mixture weights of a training forward: a Gumbel-Softmax sample or the blend."""
         if self.mode == "gumbel":
             return self.sample_weights()
-        return torch.softmax(
-            self.logits.to(torch.promote_types(self.logits.dtype, torch.float32)), dim=-1)
+        logits = self.selection_logits()
+        return torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), -1)
 
     def picks(self) -> Tensor:
         """Index of the picked candidate: a 0-d tensor, or ``(C,)`` per channel.
@@ -218,7 +219,9 @@ class FlexAct(CandidateStateMixin, nn.Module):
         """
         if self._committed_picks is not None:
             return self._committed_picks
-        return self.logits.detach().argmax(dim=-1)
+        if self._active is None:
+            return self.logits.detach().argmax(dim=-1)
+        return self._active_index[self.selection_logits().detach().argmax(dim=-1)]
 
     @property
     def committed_index(self) -> int | None:
@@ -244,7 +247,8 @@ class FlexAct(CandidateStateMixin, nn.Module):
     def _pseudo_probabilities(
         self, x: Tensor, input_weight: Tensor | None, channel_dim: int | None
     ) -> Tensor:
-        return self._targets_from_norms(self.gradient_norms(x, input_weight, channel_dim), x)
+        norms = gradient_norms(self.live_candidates(), x, input_weight, channel_dim)
+        return self._targets_from_norms(norms, x)
 
     def _targets_from_norms(self, g: Tensor, x: Tensor) -> Tensor:
         """``p̃ = softmax(-ḡ/λ)``, with ḡ averaged over all ranks when ``sync_statistics``."""
@@ -263,7 +267,7 @@ class FlexAct(CandidateStateMixin, nn.Module):
         if self.committed:
             self._targets = None
             # The logits get no gradient from here on: read the pick once, not every step.
-            self._committed_picks = self.logits.detach().argmax(dim=-1)
+            self._committed_picks = self.picks()
             if self.num_channels is None:
                 self._committed_index = int(self._committed_picks)
 
@@ -276,7 +280,7 @@ class FlexAct(CandidateStateMixin, nn.Module):
         if self._targets is None or self.committed:
             return self.logits.new_zeros(())
         target = self._targets
-        log_p = torch.log_softmax(self.logits, dim=-1)
+        log_p = torch.log_softmax(self.selection_logits(), dim=-1)
         kl = (torch.special.xlogy(target, target) - target * log_p).sum(dim=-1)
         return kl.mean()
 

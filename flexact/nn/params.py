@@ -43,7 +43,11 @@ def unused_selection_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters that committed FlexAct layers of ``model`` leave out of the forward."""
     unused: list[nn.Parameter] = []
     for _, layer in flexact_layers(model):
-        if not layer.committed:
+        if not layer.committed:  # pruned candidates take no part either
+            live = set(layer.live_names)
+            for name, candidate in zip(layer.candidate_names, layer.candidates, strict=True):
+                if name not in live:
+                    unused.extend(candidate.parameters())
             continue
         unused.append(layer.logits)
         if layer.num_channels is None:  # per channel, every candidate is evaluated

@@ -31,16 +31,18 @@ def selection_kl(model: nn.Module, reduction: Literal["sum", "mean"] = "sum") ->
     # Layers whose logits have the same shape: one batched KL for all of them (a dozen small
     # kernels in all, instead of a dozen per layer). Subclasses that define their own
     # kl_divergence are asked one by one.
-    batches: dict[tuple[tuple[int, ...], torch.dtype, torch.device], list[FlexAct]] = {}
+    batches: dict[tuple[tuple[int, ...], torch.dtype, torch.device],
+                  list[tuple[FlexAct, Tensor]]] = {}
     for layer in layers:
         if type(layer).kl_divergence is not FlexAct.kl_divergence:
             terms.append(layer.kl_divergence())
         elif layer._targets is not None and not layer.committed:  # else its KL is zero
-            key = (tuple(layer.logits.shape), layer.logits.dtype, layer.logits.device)
-            batches.setdefault(key, []).append(layer)
+            logits = layer.selection_logits()  # the live candidates' (pruned ones left out)
+            key = (tuple(logits.shape), logits.dtype, logits.device)
+            batches.setdefault(key, []).append((layer, logits))
     for batch in batches.values():
-        target = torch.stack([layer._targets for layer in batch])  # type: ignore[misc]
-        log_p = torch.log_softmax(torch.stack([layer.logits for layer in batch]), dim=-1)
+        target = torch.stack([layer._targets for layer, _ in batch])  # type: ignore[misc]
+        log_p = torch.log_softmax(torch.stack([logits for _, logits in batch]), dim=-1)
         kl = (torch.special.xlogy(target, target) - target * log_p).sum(dim=-1)
         terms.append((kl.mean(dim=-1) if kl.dim() > 1 else kl).sum())  # channels: the mean
     count = len(layers)
