@@ -44,19 +44,27 @@ class FiniteGuard(Callback):
 
     Every training batch records, on the device and without waiting for it, whether its loss
     (and, with ``check_inputs``, its floating-point inputs and targets) are finite. The host
-    reads the record only every ``check_every_n_steps`` batches, at epoch ends, before
-    validation, and at the end of training: a check per step would make the host wait for
-    the device every step. The step in the message is still exact, since the record keeps the
-    first bad batch; the cost of a larger interval is only that a diverged run computes up to
-    that many more useless steps before stopping.
+    reads the record only every ``check_every_n_steps`` batches, at the last batch of every
+    epoch, before validation, and at the end of training: a check per step would make the host
+    wait for the device every step. The step in the message is still exact, since the record
+    keeps the first bad batch; the cost of a larger interval is only that a diverged run
+    computes up to that many more useless steps before stopping. A check with no training
+    batch since the previous one is skipped (the same decision on every rank).
 
     Before every checkpoint is written, the record and the parameters are checked as well, so
     a checkpoint is never written from a diverged model: the last checkpoint on disk stays the
     last good one. Under DDP every check is one small all-reduce, and all ranks stop at the
     same check with the same message (no rank is left waiting in a collective).
 
-    :class:`~flexact.modules.FlexActModule` adds a ``FiniteGuard()`` to every run that does not
-    configure one.
+    The all-reduce only runs in hooks that every rank reaches with the same collectives before
+    it, whatever the callback order: ``on_train_batch_end``, ``on_validation_start``,
+    ``on_train_end`` and ``on_save_checkpoint``. Never in ``on_train_epoch_end``: there
+    Lightning's progress bar, on rank 0 only, computes the epoch's metrics, and a metric that
+    synchronizes itself (a torchmetrics all-gather, ``sync_dist=True``) would cross the
+    all-reduce of the other ranks, a deadlock.
+
+    The ``flexact`` command adds a ``FiniteGuard()`` to every run (configured under
+    ``finite_guard:``); with a plain ``Trainer``, add it to ``callbacks``.
 
     Args:
         check_every_n_steps: Read the record every this many training batches.
@@ -79,6 +87,7 @@ class FiniteGuard(Callback):
         self._first: Tensor | None = None
         self._value: Tensor | None = None  # the first non-finite loss value
         self._batches = 0
+        self._checked = 0  # self._batches at the last check
         self._where: dict[int, tuple[int, int, int]] = {}  # counter → (step, epoch, batch)
 
     # ------------------------------------------------------------------ recording
@@ -97,7 +106,7 @@ class FiniteGuard(Callback):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if isinstance(loss, Tensor):
             self._record(loss.detach(), batch, counter * trainer.world_size + trainer.global_rank)
-        if self._batches % self.check_every_n_steps == 0:
+        if self._batches % self.check_every_n_steps == 0 or _last_batch(trainer, batch_idx):
             self.check(trainer, pl_module)
 
     def _record(self, loss: Tensor, batch: Any, code: int) -> None:
@@ -116,9 +125,8 @@ class FiniteGuard(Callback):
         self._first = torch.where(new, torch.full_like(self._first, code), self._first)
 
     # ------------------------------------------------------------------ checks
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.check(trainer, pl_module)
-
+    # No check in on_train_epoch_end: see the class docstring (the epoch's last batch is
+    # checked in on_train_batch_end instead).
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self.check(trainer, pl_module)  # no validation (or checkpoint) of a diverged model
@@ -144,6 +152,9 @@ class FiniteGuard(Callback):
             NonFiniteLossError: If a loss so far, or (with ``parameters``) a parameter, is not
                 finite.
         """
+        if not parameters and self._batches == self._checked:
+            return  # nothing new since the last check (the same on every rank: no collective)
+        self._checked = self._batches
         bad_parameters: list[str] = []
         if parameters:
             named = [(n, p) for n, p in pl_module.named_parameters() if p.numel()]
@@ -210,6 +221,13 @@ class FiniteGuard(Callback):
         text += (f"The last checkpoint, written before the failure, is intact: {last}"
                  if last else "No checkpoint was written before the failure")
         return text
+
+
+def _last_batch(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether ``batch_idx`` is the last training batch of the epoch (alike on every rank)."""
+    if batch_idx + 1 >= trainer.num_training_batches:
+        return True
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
 
 def _last_checkpoint(trainer: L.Trainer) -> str | None:

@@ -67,8 +67,11 @@ class RNGState(Callback):
       states; a resumed run restores them right before its first training batch, so its noise
       continues the uninterrupted run's stream.
 
-    :class:`~flexact.modules.FlexActModule` adds this callback to every run that does not
-    configure one.
+    Its one collective, the broadcast, runs in ``on_fit_start``, which every rank reaches with
+    the same collectives before it (the progress bar reads no metrics there).
+
+    The ``flexact`` command adds an ``RNGState()`` to every run (configured under
+    ``rng_state:``); with a plain ``Trainer``, add it to ``callbacks``.
     """
 
     def __init__(self) -> None:

@@ -12,7 +12,7 @@ import torch
 from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric, Metric, MetricCollection
+from torchmetrics import MetricCollection
 
 from flexact.errors import ConfigError
 from flexact.modules.hparams import migrate_state_dict, migrated_file, unsaved_argument_names
@@ -134,8 +134,6 @@ class FlexActModule(L.LightningModule):
             self.model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.configure_losses()
         self.configure_metrics()
-        # The val/test loss as an epoch mean that log_epoch_metrics synchronizes.
-        self.loss_means = nn.ModuleDict({"val": MeanMetric(), "test": MeanMetric()})
         for name, layer in flexact_layers(self.model):
             # Gradient norms are only needed where the KL term applies.
             in_backbone = name.startswith("backbone.")
@@ -202,68 +200,27 @@ class FlexActModule(L.LightningModule):
         task_loss = self.criterion(outputs, y)
         batch_size = x.shape[0]
         regularizer = self.regularizer() if stage == "train" else None
+        loss = task_loss if regularizer is None else task_loss + regularizer
         if regularizer is not None:
-            loss = task_loss + regularizer
-            self.log("train_regularizer", regularizer, batch_size=batch_size)
-            self.log("train_task_loss", task_loss, batch_size=batch_size)
-        else:
-            loss = task_loss
-        # Only updates here; the epoch values (synchronized under DDP) are logged by
-        # log_epoch_metrics. The training loss is this rank's own (no collective).
-        if stage == "train":
-            self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True,
-                     batch_size=batch_size)
-        else:
-            self.loss_means[stage].update(loss.detach(), weight=batch_size)
+            self.log_dict({"train_regularizer": regularizer, "train_task_loss": task_loss},
+                          batch_size=batch_size)
+        # DDP: val/test sync at the loop's end (every rank), training metrics in on_train_epoch_end
+        self.log(f"{stage}_loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
+                 batch_size=batch_size, sync_dist=stage != "train")
         metrics.update(self.metric_inputs(outputs), y)
-        if stage == "train" and self._world_size() > 1:
+        if stage != "train":
+            self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
+        if stage == "train" and getattr(self._trainer, "world_size", 1) > 1:
             self._anchored = unused_selection_parameters(self.model)
             if self._anchored:
                 loss = loss + 0.0 * sum(p.sum() for p in self._anchored)
         return loss
 
-    def log_epoch_metrics(self, stage: str, metrics: MetricCollection) -> None:
-        """Compute a stage's epoch metrics (and val/test loss) and log them.
-
-        Under DDP this is where they synchronize across ranks (torchmetrics' all-gathers): in
-        the module's ``on_<stage>_epoch_end``, which every rank runs once per epoch at the same
-        point of Lightning's sequence. Lightning then logs the computed values, so nothing it
-        reads later (the progress bar, on rank 0 only, or any callback) runs a collective, and a
-        callback's own collective cannot cross a metric's, whatever the callback order. (Logged
-        as they were updated, Lightning would compute them, and synchronize, at whichever read
-        comes first: on rank 0, the progress bar's.) Subclasses that override an epoch-end hook
-        call ``super()``.
-
-        Args:
-            stage: ``train``, ``val`` or ``test``.
-            metrics: The stage's metrics (updated by every step).
-        """
-        logged: dict[str, Metric] = dict(metrics.items())
-        if stage in self.loss_means:
-            logged[f"{stage}_loss"] = self.loss_means[stage]
-        # update_count is alike on every rank (DDP runs the same number of batches on each)
-        logged = {name: metric for name, metric in logged.items() if metric.update_count}
-        for metric in logged.values():
-            metric.compute()  # the synchronization; Lightning's compute() gets the cached value
-        for name, metric in logged.items():
-            self.log(name, metric, on_step=False, on_epoch=True,
-                     prog_bar=name == f"{stage}_loss")
-
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's training metrics (:meth:`log_epoch_metrics`)."""
-        self.log_epoch_metrics("train", self.train_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        """Log the validation loss and metrics (:meth:`log_epoch_metrics`)."""
-        self.log_epoch_metrics("val", self.val_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        """Log the test loss and metrics (:meth:`log_epoch_metrics`)."""
-        self.log_epoch_metrics("test", self.test_metrics)
-
-    def _world_size(self) -> int:
-        trainer = getattr(self, "_trainer", None)
-        return trainer.world_size if trainer is not None else 1
+        """Log the training metrics, synchronized here: docs/distributed.md (overrides: super())."""
+        for name, metric in self.train_metrics.items():
+            metric.compute()  # all ranks at one point; Lightning's compute() reads the cached value
+            self.log(name, metric)
 
     def on_after_backward(self) -> None:
         """Drop the zero gradients of parameters that only took part to satisfy DDP."""
