@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import hashlib
+import os
 import shutil
 import tarfile
 import threading
@@ -94,7 +95,8 @@ def download_file(url: str, dest: Path, md5: str | None = None,
     """Download ``url`` to ``dest`` atomically, optionally checking its MD5.
 
     The bytes go to ``dest.part`` first and are renamed only when complete and verified, so an
-    interrupted download never looks like a finished one.
+    interrupted download never looks like a finished one; a failed one leaves no file and none
+    of the folders it created.
 
     Args:
         url: Address to fetch (``http``, ``https``, ``file``).
@@ -108,7 +110,7 @@ def download_file(url: str, dest: Path, md5: str | None = None,
     Raises:
         DatasetError: On any network or file-system failure, or an MD5 mismatch.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(dest.parent)
     part = dest.with_name(dest.name + ".part")
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     try:
@@ -116,6 +118,7 @@ def download_file(url: str, dest: Path, md5: str | None = None,
             shutil.copyfileobj(response, f, 1 << 20)
     except (urllib.error.URLError, OSError, ValueError) as err:
         part.unlink(missing_ok=True)
+        _remove_empty(created)
         reason = getattr(err, "reason", None) or err
         raise DatasetError(
             f"could not download {url} to {dest} ({reason}); check the network connection, or "
@@ -125,6 +128,7 @@ def download_file(url: str, dest: Path, md5: str | None = None,
         got = file_md5(part)
         if got != md5:
             part.unlink(missing_ok=True)
+            _remove_empty(created)
             raise DatasetError(
                 f"the file downloaded from {url} has MD5 {got}, expected {md5}: it is corrupt or "
                 "not the expected version; run again, or point the URL at another mirror (and "
@@ -134,10 +138,38 @@ def download_file(url: str, dest: Path, md5: str | None = None,
     return dest
 
 
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the ones created, deepest first."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # all created below
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(folders: Iterable[Path]) -> None:
+    """Remove the given folders, deepest first, as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _move_into(source: Path, dest: Path) -> None:
+    """Move the contents of ``source`` into ``dest``, merging folders that exist in both."""
+    for item in source.iterdir():
+        target = dest / item.name
+        if item.is_dir() and target.is_dir():
+            _move_into(item, target)
+        else:
+            os.replace(item, target)
+
+
 def extract_archive(archive: Path, dest: Path) -> None:
     """Extract a ``.tar``, ``.tar.gz`` or ``.tgz`` archive into ``dest``.
 
     Member paths that would escape ``dest`` (absolute paths, ``..``, links outside) are refused.
+    The archive is extracted into a hidden folder in ``dest`` first and moved into place when
+    complete, so a truncated archive leaves no half-extracted data (nor a folder it created).
 
     Args:
         archive: The archive file.
@@ -146,15 +178,20 @@ def extract_archive(archive: Path, dest: Path) -> None:
     Raises:
         DatasetError: If the archive is truncated, corrupt or unsafe.
     """
-    dest.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(dest)
+    temp = dest / f".{archive.name}.{os.getpid()}.extracting"
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(dest, filter="data")
+            tar.extractall(temp, filter="data")
+        _move_into(temp, dest)
     except (tarfile.TarError, EOFError, OSError, zlib.error) as err:
+        shutil.rmtree(temp, ignore_errors=True)
+        _remove_empty(created)
         raise DatasetError(
             f"the archive {archive} is truncated or corrupt ({err}); delete it and run again "
             "with download enabled, or replace it with a good copy"
         ) from err
+    shutil.rmtree(temp, ignore_errors=True)
 
 
 def fetch_archive(url: str, archive: Path, dest: Path, expected: Iterable[Path],
