@@ -108,7 +108,8 @@ def test_data_sizes_link_into_the_model(tmp_path: Path) -> None:
         (["--model.flexact.candidates", "[relu,relu]"], "duplicate candidates"),
         (["--model.flexact.tau", "0"], "tau must be a finite number > 0, got 0"),
         (["--model.flexact.tau", "-1"], "tau must be a finite number > 0, got -1"),
-        (["--model.alpha", "-0.1"], 'key "alpha"'),
+        (["--model.alpha", "-0.1"], "model.init_args.alpha (--model.alpha on the command line): "
+                                    "must be a number >= 0, got -0.1"),
         (["--model.flexact.granularity", "pixel"], "'layer', 'channel'"),
     ],
 )

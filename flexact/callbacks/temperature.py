@@ -50,9 +50,15 @@ class TemperatureAnnealing(Callback):
     every DDP rank agrees and a resumed run continues exactly where it stopped. τ is logged as
     ``tau``.
 
+    The ``flexact`` command gives every run one, configured under ``temperature:``
+    (``--temperature.end 1e-3`` on the command line) and off until ``start`` or ``end`` is set
+    there; one listed in ``trainer.callbacks`` takes its place.
+
     Args:
-        start: τ at the start of training (after any warm-up).
-        end: τ at the end of the annealing.
+        start: τ at the start of training (after any warm-up); ``None``: the τ each FlexAct
+            layer was built with (the model's ``flexact.tau``).
+        end: τ at the end of the annealing; ``None``: no annealing, τ stays at ``start``
+            (with both ``None`` the callback does nothing).
         schedule: ``exponential`` (geometric), ``linear``, ``cosine`` or ``constant`` (τ = start).
         interval: Advance per optimizer ``step`` or per ``epoch``.
         warmup: Number of intervals to hold τ at ``start`` before annealing.
@@ -62,15 +68,15 @@ class TemperatureAnnealing(Callback):
 
     def __init__(
         self,
-        start: PositiveFloat = 1.0,
-        end: PositiveFloat = 0.1,
+        start: PositiveFloat | None = None,
+        end: PositiveFloat | None = 0.1,
         schedule: Schedule = "exponential",
         interval: Literal["step", "epoch"] = "step",
         warmup: NonNegativeInt = 0,
         total: PositiveInt | None = None,
     ) -> None:
-        start = check_tau(start, "TemperatureAnnealing start")
-        end = check_tau(end, "TemperatureAnnealing end")
+        start = None if start is None else check_tau(start, "TemperatureAnnealing start")
+        end = None if end is None else check_tau(end, "TemperatureAnnealing end")
         if schedule not in ("exponential", "linear", "cosine", "constant"):
             raise ConfigError(f"schedule must be exponential, linear, cosine or constant, "
                               f"got {schedule!r}")
@@ -78,32 +84,54 @@ class TemperatureAnnealing(Callback):
             raise ConfigError(f"interval must be 'step' or 'epoch', got {interval!r}")
         if warmup < 0 or (total is not None and total <= warmup):
             raise ConfigError(f"need 0 <= warmup < total, got warmup={warmup}, total={total}")
-        self.start = float(start)
-        self.end = float(end)
+        self.start = None if start is None else float(start)
+        self.end = None if end is None else float(end)
         self.schedule: Schedule = schedule
         self.interval = interval
         self.warmup = int(warmup)
         self.total = total
         self.current_tau = self.start
+        self._built: tuple[int, dict[str, float]] = (0, {})  # (id of the module, τ per layer)
+
+    @property
+    def active(self) -> bool:
+        """Whether the callback sets τ at all (``start`` or ``end`` given)."""
+        return self.start is not None or self.end is not None
 
     @property
     def state_key(self) -> str:
         return self._generate_state_key(start=self.start, end=self.end, schedule=self.schedule,
                                         interval=self.interval)
 
-    def tau_for(self, trainer: L.Trainer) -> float:
-        """τ for the trainer's current progress."""
+    def tau_for(self, trainer: L.Trainer, start: float | None = None) -> float:
+        """τ for the trainer's current progress, from ``start`` (default: :attr:`start`)."""
+        start = self.start if start is None else start
+        if start is None:
+            raise ConfigError("TemperatureAnnealing(start=None) starts from each layer's own τ: "
+                              "pass tau_for(trainer, start)")
+        if self.end is None:
+            return start
         position = progress_position(trainer, self.interval)
         total = run_length(trainer, self.interval, self.total, "TemperatureAnnealing")
         span = max(total - self.warmup, 1)
-        return temperature_at((position - self.warmup) / span, self.start, self.end,
-                              self.schedule)
+        return temperature_at((position - self.warmup) / span, start, self.end, self.schedule)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before a checkpoint is restored: the τ each layer was built with.
+        if self._built[0] != id(pl_module):
+            self._built = (id(pl_module), {name: float(layer.tau)
+                                           for name, layer in flexact_layers(pl_module)})
 
     def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        tau = self.tau_for(trainer)
-        for _, layer in flexact_layers(pl_module):
+        if not self.active:
+            return
+        built = self._built[1]
+        for i, (name, layer) in enumerate(flexact_layers(pl_module)):
+            start = self.start if self.start is not None else built.get(name, float(layer.tau))
+            tau = self.tau_for(trainer, start)
             layer.tau = tau
-        self.current_tau = tau
+            if i == 0:
+                self.current_tau = tau
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._apply(trainer, pl_module)
@@ -112,9 +140,12 @@ class TemperatureAnnealing(Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._apply(trainer, pl_module)
-        pl_module.log("tau", self.current_tau, on_step=True, on_epoch=False)
+        if self.active and self.current_tau is not None:
+            pl_module.log("tau", self.current_tau, on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
+        if not self.active:
+            return {}  # nothing to save (Lightning stores no state for it)
         return {"current_tau": self.current_tau, "start": self.start, "end": self.end,
                 "schedule": self.schedule, "interval": self.interval, "warmup": self.warmup,
                 "total": self.total}

@@ -11,7 +11,6 @@ import sys
 import warnings
 from typing import Any, ClassVar
 
-import torch
 from lightning.pytorch import Callback, LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -24,8 +23,27 @@ import flexact.callbacks
 import flexact.datamodules
 from flexact.callbacks.finite_guard import FiniteGuard, NonFiniteLossError
 from flexact.callbacks.rng import RNGState
-from flexact.cli.checkpoint import check_resume_candidates, use_atomic_checkpoints
+from flexact.callbacks.temperature import TemperatureAnnealing
+from flexact.cli.checkpoint import (
+    check_checkpoint_file,
+    check_resume_candidates,
+    read_checkpoint,
+    use_atomic_checkpoints,
+)
 from flexact.cli.compose import expand_extends
+from flexact.cli.explain import FlexActArgumentParser, explain_config_error
+from flexact.cli.faults import (
+    exception_chain,
+    explain_non_finite,
+    explain_os_error,
+    quiet_lightning_tips,
+)
+from flexact.cli.resume import (
+    OptimizerOverrides,
+    check_resumed_model,
+    plain_numbers,
+    raised_by_a_module,
+)
 from flexact.errors import ConfigError
 from flexact.modules import FlexActModule
 from flexact.modules.hparams import migrate_hparams
@@ -50,7 +68,9 @@ class FlexActCLI(LightningCLI):
     module's ``num_features`` and ``num_outputs`` attributes (``None`` when it has none).
     Every run gets a :class:`~flexact.callbacks.FiniteGuard` and an
     :class:`~flexact.callbacks.RNGState` (configured under ``finite_guard:`` and
-    ``rng_state:``; one listed in ``trainer.callbacks`` takes its place). Checkpoints are written
+    ``rng_state:``; one listed in ``trainer.callbacks`` takes its place). τ is annealed by the
+    :class:`~flexact.callbacks.TemperatureAnnealing` under ``temperature:`` (``--temperature.end
+    1e-3``; off until ``start`` or ``end`` is set). Checkpoints are written
     atomically (:class:`~flexact.cli.checkpoint.AtomicCheckpointIO`) unless another
     ``CheckpointIO`` plugin is configured, and checkpoints of earlier flexact versions are
     migrated as they are read (:mod:`flexact.modules.hparams`).
@@ -58,6 +78,7 @@ class FlexActCLI(LightningCLI):
 
     forced_callbacks: ClassVar[dict[str, type[Callback]]] = {"finite_guard": FiniteGuard,
                                                    "rng_state": RNGState,
+                                                   "temperature": TemperatureAnnealing,
                                                    "checkpoint": flexact.callbacks.RunCheckpoint}
     """Callbacks every run gets: config key → class."""
 
@@ -70,11 +91,13 @@ class FlexActCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for key, kind in self.forced_callbacks.items():
             parser.add_lightning_class_args(kind, key)
+        parser.set_defaults({"temperature.end": None})  # no annealing unless configured
         for source, target in (("num_features", "in_features"), ("num_outputs", "num_outputs")):
             parser.link_arguments("data", f"model.init_args.{target}",
                                   compute_fn=_data_attribute(source), apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        FlexActArgumentParser.sections = self.forced_callbacks
         super().parse_arguments(parser, args)
         # Before LightningCLI reads the checkpoint's hyper-parameters over the config.
         section = self.config.get(self.config.get("subcommand") or "") or self.config
@@ -86,18 +109,36 @@ class FlexActCLI(LightningCLI):
         # earlier flexact version are migrated first (Lightning's own reader would reject them).
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and str(ckpt_path).split(":")[0] not in ("last", "best", "hpc", "registry"):
+            check_checkpoint_file(ckpt_path)  # missing or damaged: before anything is written
         if not ckpt_path or not os.path.isfile(str(ckpt_path)):
             return
-        checkpoint = torch.load(str(ckpt_path), weights_only=True, map_location="cpu", mmap=True)
-        hparams = dict(checkpoint.get("hyper_parameters") or {})
+        hparams = dict((read_checkpoint(ckpt_path) or {}).get("hyper_parameters") or {})
         hparams.pop("_instantiator", None)
         if not hparams:
             return
         migrate_hparams(hparams)
+        self._optimizer_overrides = check_resumed_model(self, subcommand, str(ckpt_path),
+                                                        hparams)
         model: dict[str, Any] = hparams
         if "_class_path" in hparams:
             model = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         self.config = self.parser.parse_object({subcommand: {"model": model}}, self.config)
+        self._resumed_from = str(ckpt_path)
+
+    def before_instantiate_classes(self) -> None:
+        plain_numbers(self.config)  # restricted ints carried to another class do not serialize
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except Exception as err:  # the checkpoint's model does not fit this data: name it
+            cause, resumed = _find_config_error(err), getattr(self, "_resumed_from", None)
+            if cause is None or resumed is None or not raised_by_a_module(err):
+                raise
+            raise ConfigError(f"the model saved in the checkpoint {resumed} cannot be built with "
+                              f"this config ({cause}); resume with the config it was trained "
+                              "with (its run's config.yaml), or leave out --ckpt_path") from err
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
         # A forced callback gives way to one of its kind that the user configured (a plain
@@ -110,7 +151,20 @@ class FlexActCLI(LightningCLI):
                              and (any(isinstance(u, type(c)) for u in configured)
                                   or (no_checkpoints
                                       and isinstance(c, flexact.callbacks.RunCheckpoint))))]
+        for key, kind in self.forced_callbacks.items():  # configured twice: which one counts?
+            section = self.config[self.subcommand].get(key) if self.subcommand else None
+            if section and section != self.parser_defaults(key) and any(
+                    isinstance(u, kind) for u in configured):
+                raise ConfigError(f"{kind.__name__} is configured twice, under `{key}:` and in "
+                                  f"trainer.callbacks; keep one (`{key}:` is the one that "
+                                  f"--{key}.<argument> reaches)")
+        if getattr(self, "_optimizer_overrides", None):
+            callbacks = [*callbacks, OptimizerOverrides(self._optimizer_overrides)]
         return super()._instantiate_trainer(config, callbacks)
+
+    def parser_defaults(self, key: str) -> Any:
+        """The default value of the top-level ``key`` of the running subcommand."""
+        return self._subcommand_parsers[self.subcommand].get_defaults().get(key)
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         # Installed on the built trainer rather than as a trainer_defaults plugin, which a
@@ -126,14 +180,7 @@ class FlexActCLI(LightningCLI):
 
 def _find_config_error(err: BaseException) -> ConfigError | None:
     """The ConfigError behind ``err``; jsonargparse wraps errors raised while instantiating."""
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, ConfigError):
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return next((e for e in exception_chain(err) if isinstance(e, ConfigError)), None)
 
 
 def build_cli(args: list[str] | None = None) -> FlexActCLI:
@@ -147,8 +194,10 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
     Args:
         args: Command-line arguments (default: ``sys.argv[1:]``).
     """
+    quiet_lightning_tips()
     try:
         argv = sys.argv[1:] if args is None else list(args)
+        FlexActArgumentParser.args[:] = argv  # as given: errors name the files, not expansions
         expanded = expand_extends(argv)
         if args is not None or expanded != argv:
             args = expanded
@@ -161,7 +210,9 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
                 subclass_mode_model=True,
                 subclass_mode_data=True,
                 save_config_kwargs={"overwrite": True},
+                parser_class=FlexActArgumentParser,
                 parser_kwargs={
+                    "prog": "flexact",
                     "description": "flexact: train networks that pick their activation "
                                    "functions.",
                     "epilog": "Other commands: `flexact plot HISTORY.csv` (selection plots), "
@@ -174,13 +225,16 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
     except NonFiniteLossError as err:
         # A diverged run, not a usage error: exit status 1; under DDP every rank stops here.
         if rank_zero_only.rank == 0:
-            print(f"flexact: error: {err}", file=sys.stderr)
+            print(f"flexact: error: {explain_non_finite(str(err))}", file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as err:
         cause = _find_config_error(err)
-        if cause is None:
+        line = (explain_config_error(str(cause), FlexActArgumentParser.args)
+                if cause is not None else explain_os_error(err))
+        if line is None:
             raise
-        print(f"flexact: error: {cause}", file=sys.stderr)
+        if rank_zero_only.rank == 0:
+            print(f"flexact: error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -201,6 +255,10 @@ def main(args: list[str] | None = None) -> None:
         args: Command-line arguments (default: ``sys.argv[1:]``).
     """
     argv = sys.argv[1:] if args is None else list(args)
+    from flexact.__main__ import answer_without_lightning
+
+    if answer_without_lightning(argv):
+        raise SystemExit(0)  # as argparse does after --help and --version
     if argv and argv[0] in EXTRA_COMMANDS:
         module_name, function = EXTRA_COMMANDS[argv[0]].split(":")
         getattr(importlib.import_module(module_name), function)(argv[1:])

@@ -33,6 +33,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "check_checkpoint_file",
     "check_resume_candidates",
+    "read_checkpoint",
     "use_atomic_checkpoints",
 ]
 
@@ -124,6 +125,40 @@ def check_checkpoint_file(path: Any) -> None:
         raise ConfigError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(local_path):
         raise _corrupt(path, "not a complete zip archive")
+    stat = os.stat(local_path)
+    key = (os.path.abspath(local_path), stat.st_size, stat.st_mtime_ns)
+    if key in _CHECKED:
+        return
+    try:  # every entry's CRC: flipped bytes inside the archive, not only a cut-off end
+        with zipfile.ZipFile(local_path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise _corrupt(path, err) from err
+    if damaged is not None:
+        raise _corrupt(path, f"the bytes of {damaged} do not match their checksum")
+    _CHECKED.add(key)
+
+
+_CHECKED: set[tuple[str, int, float]] = set()  # files whose checksums were verified
+
+
+def read_checkpoint(path: Any) -> dict[str, Any] | None:
+    """The contents of a local checkpoint, read safely (``weights_only``, memory-mapped).
+
+    Returns:
+        The checkpoint, or ``None`` when it holds objects that safe loading refuses (Lightning
+        then loads it as ``--weights_only`` says, and reports problems itself).
+
+    Raises:
+        ConfigError: If the file is missing, truncated or damaged.
+    """
+    check_checkpoint_file(path)
+    try:
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        if _is_damage(err):
+            raise _corrupt(path, err) from err
+        return None
 
 
 def check_resume_candidates(ckpt_path: Any, configured: Sequence[str] | None) -> None:
@@ -142,14 +177,7 @@ def check_resume_candidates(ckpt_path: Any, configured: Sequence[str] | None) ->
     """
     if configured is None or not ckpt_path or not os.path.isfile(str(ckpt_path)):
         return
-    check_checkpoint_file(ckpt_path)
-    try:
-        checkpoint = torch.load(str(ckpt_path), map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        if _is_damage(err):
-            raise _corrupt(ckpt_path, err) from err
-        return  # e.g. objects that safe loading refuses: Lightning reports those itself
-    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    hparams = dict((read_checkpoint(ckpt_path) or {}).get("hyper_parameters") or {})
     migrate_hparams(hparams)
     check_same_candidates((hparams.get("flexact") or {}).get("candidates"), configured,
                           f"the checkpoint {ckpt_path}")
@@ -160,7 +188,7 @@ def _is_damage(err: BaseException) -> bool:
     if isinstance(err, pickle.UnpicklingError):
         # Not a refusal of readable but unsafe objects ("Weights only load failed ...").
         return "weights only" not in str(err).lower() and "weights_only" not in str(err).lower()
-    if isinstance(err, (EOFError, zipfile.BadZipFile)):
+    if isinstance(err, (EOFError, zipfile.BadZipFile, UnicodeDecodeError)):
         return True
     if isinstance(err, OSError):
         return not isinstance(err, FileNotFoundError | PermissionError)
@@ -169,8 +197,8 @@ def _is_damage(err: BaseException) -> bool:
 
 def _corrupt(path: Any, err: BaseException | str) -> ConfigError:
     reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return ConfigError(f"checkpoint {path} is truncated or corrupt ({reason}); resume from "
-                       "another checkpoint (an earlier one, or last.ckpt)")
+    return ConfigError(f"checkpoint {path} is truncated or corrupt ({reason}); use another "
+                       "checkpoint (an earlier one, or last.ckpt)")
 
 
 def use_atomic_checkpoints(trainer: L.Trainer) -> bool:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from flexact.cli.checkpoint import read_checkpoint
 from flexact.errors import ConfigError
 from flexact.modules import FlexActModule
 from flexact.nn.surgery import freeze_selection
@@ -38,13 +39,11 @@ def load_module(checkpoint: str | Path) -> FlexActModule:
         ConfigError: If the file is missing, unreadable, or not a flexact checkpoint.
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise ConfigError(f"no checkpoint at {path}")
-    try:
-        hparams = torch.load(path, map_location="cpu", weights_only=True).get(
-            "hyper_parameters", {})
-    except Exception as err:  # corrupt or foreign file: say so instead of an unpickling trace
-        raise ConfigError(f"cannot read checkpoint {path}: {err.__class__.__name__}") from None
+    contents = read_checkpoint(path)  # missing, truncated or damaged: one clear ConfigError
+    if contents is None:
+        raise ConfigError(f"{path} holds objects that safe loading (weights_only) refuses: it "
+                          "was not written by flexact fit; export a flexact checkpoint")
+    hparams = contents.get("hyper_parameters") or {}
     class_path = hparams.get("_class_path")
     if class_path:
         module_name, _, name = class_path.rpartition(".")
@@ -55,7 +54,10 @@ def load_module(checkpoint: str | Path) -> FlexActModule:
     else:
         raise ConfigError(f"{path} does not name its module class (_class_path); load it with "
                           "YourModuleClass.load_from_checkpoint and call freeze_selection")
-    return cls.load_from_checkpoint(path, map_location="cpu")
+    try:
+        return cls.load_from_checkpoint(path, map_location="cpu")
+    except ConfigError as err:
+        raise ConfigError(f"cannot rebuild the model saved in {path}: {err}") from err
 
 
 def _input_shape(module: FlexActModule, shape: Sequence[int] | None) -> list[int]:
