@@ -127,7 +127,8 @@ class TemperatureAnnealing(Callback):
             return
         built = self._built[1]
         for i, (name, layer) in enumerate(flexact_layers(pl_module)):
-            start = self.start if self.start is not None else built.get(name, float(layer.tau))
+            start = self.start if self.start is not None else (
+                built[name] if name in built else float(layer.tau))  # no device read per step
             tau = self.tau_for(trainer, start)
             layer.tau = tau
             if i == 0:

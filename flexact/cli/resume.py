@@ -218,8 +218,14 @@ def check_resumed_model(cli: Any, subcommand: str, ckpt_path: str,
             "--ckpt_path to start a new run")
     base = cli.config[subcommand].clone()
     base.model = None
-    defaults = cli._subcommand_parsers[subcommand].parse_object(
-        {"model": {"class_path": configured.class_path}}, base)
+    parser = cli._subcommand_parsers[subcommand]
+    exits, parser.exit_on_error = parser.exit_on_error, False  # defaults that do not parse:
+    try:
+        defaults = parser.parse_object({"model": {"class_path": configured.class_path}}, base)
+    except Exception:  # nothing to compare against
+        return {}
+    finally:
+        parser.exit_on_error = exits
     return compare_with_checkpoint(
         ckpt_path, hparams, configured.get("init_args", {}).as_dict(),
         defaults.model.init_args.as_dict(), training=subcommand == "fit")
