@@ -106,3 +106,24 @@ def test_gpu_checks_script_runs_every_benchmark_and_collects_the_logs(tmp_path: 
     assert summary.count("exit 0") == 3 and "| row | for benchmarks/pipeline.py |" in summary
     assert (out / "RESULTS.md").read_text() == (root / "benchmarks/RESULTS.md").read_text()
     assert (out / "nvidia-smi.txt").read_text() == "H200\n"
+
+
+def test_sweep_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    """One FlexAct run against the five-run sweep: every cell has a pick and a time ratio."""
+    sweep = _load("sweep")
+    cells = sweep.main(["--smoke", "--no-write"])
+    out = capsys.readouterr().out
+    assert ("| task | FlexAct | pick per seed (head; hidden layers) | decisive | top p | commit at "
+            "| = best | within noise | FlexAct metric | Δ vs best | wall FlexAct / sweep | "
+            "steps FlexAct / sweep | s/step ratio |") in out
+    assert "| task | metric | relu | sigmoid | tanh | leaky_relu | identity | best |" in out
+    assert {(c["task"], c["flexact"]) for c in cells} >= {
+        ("synthetic-tanh", "head, α=0.3"), ("synthetic-tanh", "head, α=0"),
+        ("teacher-d8-relu", "everywhere, α=0.3 (mean KL)")}
+    for cell in cells:
+        assert cell["picks"] and all(p in sweep.CANDIDATES for p in cell["picks"])
+        assert cell["best"] in sweep.CANDIDATES
+        assert cell["wall_ratio"] > 0 and cell["step_ratio"] == pytest.approx(0.2)
+        assert 0 <= cell["within"] <= cell["seeds"] and 0 <= cell["decisive"] <= 1
+    everywhere = [c for c in cells if c["flexact"].startswith("everywhere")]
+    assert everywhere and all(c["hidden"] for c in everywhere)  # 7 backbone sites swapped
