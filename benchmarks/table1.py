@@ -77,7 +77,9 @@ def run_truth(truth: str, models: list[str], seeds: int, config: dict[str, Any],
     model_args = config["model"]["init_args"]
     data_args = dict(config["data"]["init_args"], truth=truth)
     callbacks: list[L.Callback] = [
-        TemperatureAnnealing(**(_callback_args(config, "TemperatureAnnealing") or {}))
+        # The config's `temperature:` section (or a TemperatureAnnealing in its callbacks).
+        TemperatureAnnealing(**(config.get("temperature")
+                                or _callback_args(config, "TemperatureAnnealing") or {}))
     ]
     if commit:
         callbacks.append(SelectionCommit(**(_callback_args(config, "SelectionCommit") or {})))

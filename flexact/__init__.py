@@ -7,10 +7,28 @@ candidate registry. The Lightning layer lives in ``flexact.modules``, ``flexact.
 ``flexact.datamodules`` and ``flexact.cli``; tools in ``flexact.tools``.
 """
 
-import flexact.nn as _core
-from flexact.errors import ConfigError
-from flexact.nn import *  # noqa: F403 - the core's public names are the package's
+from typing import Any
 
 __version__ = "0.2.0"
 
-__all__ = ["ConfigError", "__version__", *_core.__all__]
+# The core's public names (flexact.nn.__all__), loaded on first use: `flexact --help` then needs
+# no torch import.
+_CORE = (
+    "PAPER_CANDIDATES", "Candidate", "FlexAct", "FlexActHead", "FlexActNetwork", "FlexActSpec",
+    "available_activations", "flexact_layers", "freeze_selection", "get_activation", "mixture",
+    "register_activation", "selection_kl", "swap_activations",
+)
+
+__all__ = ["ConfigError", "__version__", *_CORE]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ConfigError":
+        from flexact.errors import ConfigError
+
+        return ConfigError
+    if name in _CORE:
+        import flexact.nn
+
+        return getattr(flexact.nn, name)
+    raise AttributeError(f"module 'flexact' has no attribute {name!r}")

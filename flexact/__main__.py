@@ -51,8 +51,13 @@ def answer_without_lightning(argv: Sequence[str]) -> bool:
     return False
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``flexact`` console script: top-level help without Lightning, else the CLI."""
     if not answer_without_lightning(sys.argv[1:]):
         from flexact.cli import main
 
         main()
+
+
+if __name__ == "__main__":
+    run()

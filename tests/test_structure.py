@@ -161,3 +161,13 @@ def test_a_subclass_of_a_builtin_gets_no_closed_form() -> None:
 
     assert basis.basis_row(nn.ReLU()) is not None
     assert basis.basis_row(MyReLU()) is None
+
+
+def test_top_level_names_are_the_cores_and_help_needs_no_torch() -> None:
+    assert set(flexact.__all__) == {"ConfigError", "__version__", *flexact.nn.__all__}
+    code = ("import sys\nsys.argv = ['flexact', '--help']\nfrom flexact.__main__ import run\n"
+            "run()\nprint('torch' in sys.modules, 'lightning' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=ROOT)
+    assert "subcommands" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "False False"

@@ -61,8 +61,10 @@ def gradient_norms(
     if derivatives:  # ∇ₓ Σₒ σ(hₒ) = σ'(h) W per sample, for every candidate at once
         assert w is not None
         with torch.autocast(device_type=h.device.type, enabled=False):  # keep float32
-            products = torch.matmul(torch.stack(derivatives), w)  # (p, ..., in)
-        return products.norm(dim=-1).flatten(1).mean(1)
+            stacked = torch.stack(derivatives)  # (p, ..., out)
+            # One 2-D product: a batched one stalls on a loaded CPU (threads of the bmm wait).
+            products = torch.mm(stacked.reshape(-1, stacked.shape[-1]), w)
+        return products.norm(dim=-1).reshape(len(derivatives), -1).mean(1)
     return torch.stack(norms, dim=-1)
 
 
