@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from flexact.errors import ConfigError
+from flexact.nn.expressions import Expression, is_expression, parse
 
 __all__ = [
     "Candidate",
@@ -138,11 +139,19 @@ def available_activations() -> list[str]:
 
 
 def check_activation_name(name: str) -> str:
-    """Return ``name`` if registered, else raise a :class:`ConfigError` listing valid names."""
+    """Return ``name`` if registered or a well-formed expression, else raise a ConfigError.
+
+    Expressions such as ``"add(tanh(x),sin(x))"`` (:mod:`flexact.nn.expressions`) are accepted
+    wherever a registry name is; a malformed one raises naming its bad token.
+    """
     if name not in _REGISTRY:
+        if is_expression(name):
+            parse(name)
+            return name
         raise ConfigError(
             f"unknown activation {name!r}; valid names are: {', '.join(_REGISTRY)} "
-            "(register new ones with flexact.register_activation)"
+            "(register new ones with flexact.register_activation), or an expression such as "
+            "'add(tanh(x),sin(x))'"
         )
     return name
 
@@ -151,7 +160,7 @@ def get_activation(name: str, **kwargs: object) -> nn.Module:
     """Build a fresh activation module by registry name.
 
     Args:
-        name: A name from :func:`available_activations`.
+        name: A name from :func:`available_activations`, or an expression.
         **kwargs: Passed to the registered factory (e.g. ``negative_slope`` for ``leaky_relu``).
 
     Returns:
@@ -160,6 +169,11 @@ def get_activation(name: str, **kwargs: object) -> nn.Module:
     Raises:
         ConfigError: If ``name`` is not registered (the message lists the valid names).
     """
+    if name not in _REGISTRY and is_expression(name):
+        if kwargs:
+            raise ConfigError(f"expression {name!r} takes no keyword arguments, got "
+                              f"{sorted(kwargs)}; write constants into the expression")
+        return Expression(name)
     module = _REGISTRY[check_activation_name(name)].factory(**kwargs)
     if not isinstance(module, nn.Module):
         raise TypeError(f"the factory registered as {name!r} returned {type(module).__name__}, "
