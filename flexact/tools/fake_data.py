@@ -22,6 +22,7 @@ __all__ = [
     "pattern_images",
     "polarity_texts",
     "write_cifar10",
+    "write_cifar_batches",
     "write_idx",
     "write_mnist",
     "write_review_polarity",
@@ -93,18 +94,30 @@ def write_cifar10(root: str | Path, n_train_per_class: int = 5, n_test_per_class
         The ``cifar-10-batches-py`` folder.
     """
     rng = np.random.default_rng(seed)
+    train_labels = _balanced_labels(n_train_per_class, 10, rng)
+    train = pattern_images(train_labels, 3, 32, rng)
+    test_labels = _balanced_labels(n_test_per_class, 10, rng)
+    test = pattern_images(test_labels, 3, 32, rng)
+    return write_cifar_batches(root, train, train_labels, test, test_labels, protocol)
+
+
+def write_cifar_batches(root: str | Path, train: np.ndarray, train_labels: np.ndarray,
+                        test: np.ndarray, test_labels: np.ndarray, protocol: int = 2) -> Path:
+    """Write uint8 images ``(N, 3, 32, 32)`` and labels 0–9 as CIFAR-10's pickled batches.
+
+    Returns:
+        The ``<root>/cifar-10-batches-py`` folder.
+    """
     folder = Path(root) / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
-    train_labels = _balanced_labels(n_train_per_class, 10, rng)
-    train = pattern_images(train_labels, 3, 32, rng).reshape(len(train_labels), -1)
+    train = np.ascontiguousarray(train, dtype=np.uint8).reshape(len(train_labels), -1)
     for b in range(5):
         part = slice(b, None, 5)
         entry = {"batch_label": f"training batch {b + 1} of 5", "data": train[part],
                  "labels": train_labels[part].tolist(),
                  "filenames": [f"img_{b}_{i}.png" for i in range(len(train_labels[part]))]}
         (folder / f"data_batch_{b + 1}").write_bytes(pickle.dumps(entry, protocol=protocol))
-    test_labels = _balanced_labels(n_test_per_class, 10, rng)
-    test = pattern_images(test_labels, 3, 32, rng).reshape(len(test_labels), -1)
+    test = np.ascontiguousarray(test, dtype=np.uint8).reshape(len(test_labels), -1)
     entry = {"batch_label": "testing batch 1 of 1", "data": test, "labels": test_labels.tolist(),
              "filenames": [f"test_{i}.png" for i in range(len(test_labels))]}
     (folder / "test_batch").write_bytes(pickle.dumps(entry, protocol=protocol))
