@@ -183,7 +183,7 @@ def _find_config_error(err: BaseException) -> ConfigError | None:
     return next((e for e in exception_chain(err) if isinstance(e, ConfigError)), None)
 
 
-def build_cli(args: list[str] | None = None) -> FlexActCLI:
+def build_cli(args: list[str] | None = None, run: bool = True) -> FlexActCLI:
     """Parse ``args`` and run the chosen subcommand; return the CLI object (used by tests).
 
     Configs with ``extends:`` are expanded first (:mod:`flexact.cli.compose`). Configuration
@@ -193,6 +193,8 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
 
     Args:
         args: Command-line arguments (default: ``sys.argv[1:]``).
+        run: Run the subcommand; ``False``: ``args`` name no subcommand and the CLI only
+            instantiates the model, data module and trainer (``flexact probe`` does this).
     """
     quiet_lightning_tips()
     try:
@@ -220,6 +222,7 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
                               "--help. A config may start with `extends: base.yaml`.",
                 },
                 args=args,
+                run=run,
                 auto_configure_optimizers=False,
             )
     except NonFiniteLossError as err:
@@ -242,6 +245,7 @@ def build_cli(args: list[str] | None = None) -> FlexActCLI:
 EXTRA_COMMANDS: dict[str, str] = {
     "plot": "flexact.tools.plot:main",
     "export": "flexact.cli.export:main",
+    "probe": "flexact.cli.probe:main",
 }
 
 

@@ -12,6 +12,7 @@ from flexact.datamodules.base import SplitDataModule
 from flexact.datamodules.cifar10 import CIFAR10DataModule
 from flexact.datamodules.mnist import MNISTDataModule
 from flexact.datamodules.synthetic import SyntheticDataModule, make_synthetic
+from flexact.datamodules.teacher import TeacherDataModule, make_teacher
 from flexact.datamodules.text import TextDataModule, Vocabulary, load_vectors, tokenize
 
 __all__ = [
@@ -21,9 +22,11 @@ __all__ = [
     "MNISTDataModule",
     "SplitDataModule",
     "SyntheticDataModule",
+    "TeacherDataModule",
     "TextDataModule",
     "Vocabulary",
     "load_vectors",
     "make_synthetic",
+    "make_teacher",
     "tokenize",
 ]

@@ -42,8 +42,9 @@ class FlexActSpec:
         granularity: ``layer``: one selection per layer; ``channel``: one per channel/feature.
         eval_mode: ``argmax``: exactly the picked activation in eval; ``expected``: the
             softmax-weighted blend without noise.
-        prior: Initial selection probabilities, one positive value per candidate (normalized);
-            uniform if omitted.
+        prior: Initial selection probabilities, one positive value per candidate (normalized),
+            or the path of a ``probe.json`` written by ``flexact probe`` (the probe's ranking:
+            docs/probe.md); uniform if omitted.
         kl_lambda: Scale λ > 0 of the regularizer's pseudo-probabilities softmax(-ḡ/λ).
         mode: ``gumbel``: FlexAct's Gumbel-Softmax sample in training; ``blend``: the
             noise-free softmax blend of Manessi & Rozza (2018), a baseline without a discrete
@@ -60,7 +61,7 @@ class FlexActSpec:
     hard: bool = False
     granularity: Granularity = "layer"
     eval_mode: EvalMode = "argmax"
-    prior: Sequence[float] | None = None
+    prior: Sequence[float] | str | None = None
     kl_lambda: float = 1.0
     mode: Mode = "gumbel"
     compact_memory: bool = False
@@ -87,7 +88,7 @@ class FlexActSpec:
         set_(self, "candidates", names)
         set_(self, "tau", check_tau(self.tau))
         set_(self, "kl_lambda", float(kl_lambda))
-        set_(self, "prior", _check_prior(self.prior, len(names)))
+        set_(self, "prior", _check_prior(self.prior, names))
         set_(self, "candidate_kwargs", kwargs or None)
 
     @classmethod
@@ -183,9 +184,15 @@ def _check_candidates(candidates: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
-def _check_prior(prior: Sequence[float] | None, p: int) -> tuple[float, ...] | None:
+def _check_prior(prior: Sequence[float] | str | None, names: tuple[str, ...]
+                 ) -> tuple[float, ...] | None:
     if prior is None:
         return None
+    p = len(names)
+    if isinstance(prior, str):
+        from flexact.probe.prior import prior_from_probe
+
+        prior = prior_from_probe(prior, names)
     values = tuple(float(v) for v in prior)
     if len(values) != p or not all(math.isfinite(v) and v > 0 for v in values):
         raise ConfigError(
