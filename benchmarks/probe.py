@@ -84,11 +84,14 @@ def main() -> None:
 
         evaluate(load_cache(args.cache), args.tasks)
     else:
+        import tempfile
+
         from probe_eval import evaluate
 
         names = expressions(4, 8)[::3][:10]
-        cache = train(args.cache, names, args.tasks, epochs=1)
-        evaluate(cache, args.tasks, splits=3)
+        with tempfile.TemporaryDirectory() as tmp:  # never the real cache or reference
+            cache = train(Path(tmp) / "cache.json", names, args.tasks, epochs=1)
+        evaluate(cache, args.tasks, splits=3, reference=False)
 
 
 if __name__ == "__main__":

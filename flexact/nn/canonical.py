@@ -29,7 +29,7 @@ from flexact.nn.expressions import (
     parse,
 )
 
-__all__ = ["SCHEMAS", "canonical", "expand_schema", "fingerprint"]
+__all__ = ["SCHEMAS", "canonical", "canonical_of_module", "expand_schema", "fingerprint"]
 
 SCHEMAS: dict[str, str] = {
     "unary": "unary(x)",
@@ -58,6 +58,24 @@ def fingerprint(expression: str | Node) -> bytes:
     values = torch.broadcast_to(evaluate(node, _PROBE), _PROBE.shape)
     key = torch.round(values * 1e6).to(torch.int64)
     return hashlib.blake2b(key.numpy().tobytes(), digest_size=16).digest()
+
+
+def canonical_of_module(module: torch.nn.Module) -> str | None:
+    """The one-operator expression a module computes (``nn.ReLU()`` → ``relu(x)``), if any.
+
+    Modules with parameters (PReLU, Swish-β) have none: they change shape as they train.
+    """
+    if any(True for _ in module.parameters()):
+        return None
+    with torch.no_grad():
+        values = module(_PROBE.float()).double()
+    if values.shape != _PROBE.shape or not torch.isfinite(values).all():
+        return None
+    for node in _one_operator_table().values():
+        if torch.allclose(values, evaluate(node, _PROBE).float().double(), rtol=1e-5,
+                          atol=1e-6):
+            return format_node(node)
+    return None
 
 
 def _fold(node: Node) -> Node:

@@ -19,12 +19,19 @@ __all__ = ["candidate_key", "prior_from_probe"]
 
 
 def candidate_key(name: str) -> str:
-    """The name under which a candidate is matched: its canonical form if an expression."""
-    if is_expression(name):
-        from flexact.nn.canonical import canonical
+    """The name under which a candidate is matched: its canonical form.
 
+    An expression's is :func:`~flexact.nn.canonical.canonical`; a registry name that computes
+    a one-operator function has that expression's (``relu`` → ``relu(x)``); other registry
+    names are their own key.
+    """
+    from flexact.nn.canonical import canonical, canonical_of_module
+
+    if is_expression(name):
         return canonical(name)
-    return name
+    from flexact.nn.registry import get_activation
+
+    return canonical_of_module(get_activation(name)) or name
 
 
 def prior_from_probe(path: str | Path, candidates: Sequence[str]) -> tuple[float, ...]:
