@@ -163,3 +163,49 @@ def test_expressions_trace_export_to_onnx_and_compile_without_graph_breaks() -> 
     assert explained.graph_break_count == 0
     compiled = torch.compile(Expression(text), fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(x), module(x))
+
+
+EXPRESSION_CONFIG = """\
+seed_everything: 0
+trainer:
+  max_epochs: 2
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_progress_bar: false
+model:
+  class_path: FlexActClassifier
+  init_args:
+    backbone:
+      class_path: flexact.backbones.MLP
+      init_args: {in_features: 10, hidden: [16], activation: "wadd(gelu(x),sin(x),0.1)"}
+    hidden_features: 8
+    flexact: {candidates: [relu, "sin(x)", "add(tanh(x),x)"]}
+data:
+  class_path: TeacherDataModule
+  init_args: {n_samples: 400, batch_size: 64}
+"""
+
+
+def test_expressions_in_a_yaml_config_fit_checkpoint_and_export(tmp_path) -> None:
+    from flexact.cli import build_cli
+    from flexact.cli.export import export_checkpoint
+    from flexact.modules import FlexActClassifier
+
+    config = tmp_path / "expr.yaml"
+    config.write_text(EXPRESSION_CONFIG)
+    cli = build_cli(["fit", "--config", str(config), "--trainer.default_root_dir",
+                     str(tmp_path)])
+    layer = cli.model.head.flexact
+    assert layer.candidate_names == ("relu", "sin(x)", "add(tanh(x),x)")
+    assert any(isinstance(m, Expression) and m.expression == "wadd(gelu(x),sin(x),0.1)"
+               for m in cli.model.backbone.modules())
+    ckpt = cli.trainer.checkpoint_callback.best_model_path
+    reloaded = FlexActClassifier.load_from_checkpoint(ckpt)
+    assert reloaded.head.flexact.selected() == layer.selected()
+    script, onnx_file = export_checkpoint(ckpt, tmp_path / "model.pt", [10],
+                                          tmp_path / "model.onnx")
+    assert onnx_file is not None and onnx_file.stat().st_size > 0
+    x = torch.randn(5, 10)
+    reloaded.eval()
+    torch.testing.assert_close(torch.jit.load(str(script))(x), reloaded(x))
