@@ -29,7 +29,8 @@ subcommands (add one, then --help, e.g. `flexact fit --help`):
     predict             Run inference on your data.
 
 Other commands: `flexact plot HISTORY.csv` (selection plots), `flexact export CHECKPOINT` (frozen
-TorchScript/ONNX); add --help. A config may start with `extends: base.yaml`.
+TorchScript/ONNX), `flexact probe --config CONFIG` (rank candidate activations before training);
+add --help. A config may start with `extends: base.yaml`.
 """
 """The top-level help (the subcommands' own help comes from LightningCLI)."""
 

@@ -167,5 +167,6 @@ def test_root_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> No
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for command in ("fit", "validate", "test", "predict", "flexact plot", "flexact export"):
+    for command in ("fit", "validate", "test", "predict", "flexact plot", "flexact export",
+                    "flexact probe"):
         assert command in out

@@ -218,8 +218,10 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> FlexActCLI:
                     "description": "flexact: train networks that pick their activation "
                                    "functions.",
                     "epilog": "Other commands: `flexact plot HISTORY.csv` (selection plots), "
-                              "`flexact export CHECKPOINT` (frozen TorchScript/ONNX); add "
-                              "--help. A config may start with `extends: base.yaml`.",
+                              "`flexact export CHECKPOINT` (frozen TorchScript/ONNX), "
+                              "`flexact probe --config CONFIG` (rank candidate activations "
+                              "before training); add --help. A config may start with "
+                              "`extends: base.yaml`.",
                 },
                 args=args,
                 run=run,
