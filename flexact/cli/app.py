@@ -248,6 +248,7 @@ EXTRA_COMMANDS: dict[str, str] = {
     "plot": "flexact.tools.plot:main",
     "export": "flexact.cli.export:main",
     "probe": "flexact.cli.probe:main",
+    "search": "flexact.cli.search:main",
 }
 
 

@@ -54,6 +54,8 @@ class FlexActSpec:
             input (relative error ≤ 2⁻⁸).
         candidate_kwargs: Keyword arguments per candidate name, e.g.
             ``{leaky_relu: {negative_slope: 0.2}}``.
+        candidates_file: A text file of candidate names or expressions, one per line (``#``
+            comments), e.g. the ``top.txt`` of ``flexact search``; replaces ``candidates``.
     """
 
     candidates: Sequence[str] = PAPER_CANDIDATES
@@ -66,8 +68,11 @@ class FlexActSpec:
     mode: Mode = "gumbel"
     compact_memory: bool = False
     candidate_kwargs: Mapping[str, Mapping[str, Any]] | None = None
+    candidates_file: str | None = None
 
     def __post_init__(self) -> None:
+        if self.candidates_file is not None:
+            object.__setattr__(self, "candidates", _read_candidates(self.candidates_file))
         names = _check_candidates(self.candidates)
         for field, kind in (("granularity", Granularity), ("eval_mode", EvalMode),
                             ("mode", Mode)):
@@ -168,6 +173,18 @@ def check_same_candidates(saved: Sequence[str] | None, configured: Sequence[str]
             f"with {list(configured)}; configure the same candidates (same names, same order) "
             "as the run that wrote it"
         )
+
+
+def _read_candidates(path: str) -> tuple[str, ...]:
+    try:
+        with open(path) as handle:
+            lines = handle.read().splitlines()
+    except OSError as err:
+        raise ConfigError(f"cannot read candidates_file {path!r}: {err.strerror}") from None
+    names = tuple(s for line in lines if (s := line.split("#", 1)[0].strip()))
+    if not names:
+        raise ConfigError(f"candidates_file {path!r} lists no candidates")
+    return names
 
 
 def _check_candidates(candidates: Sequence[str]) -> tuple[str, ...]:

@@ -1,0 +1,1 @@
+"""Activation search on Optuna (docs/search.md): spaces, proposers, the objective."""
