@@ -93,7 +93,7 @@ def _cli_error(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
 
 # --------------------------------------------------------------------------- shared arguments
 COMMON = ("data_dir", "download", "val_split", "seed", "batch_size", "num_workers", "augment",
-          "on_device")
+          "on_device", "val_shift", "shift_strength")
 
 
 @pytest.mark.parametrize(("name", "own", "augment"), [

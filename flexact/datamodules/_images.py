@@ -28,9 +28,30 @@ from flexact.datamodules.sampling import run_seed
 from flexact.errors import ConfigError
 
 # TensorBatchLoader, random_crop and random_hflip: re-exported for existing imports.
-__all__ = ["ImageDataModule", "TensorBatchLoader", "random_crop", "random_hflip"]
+__all__ = ["ImageDataModule", "TensorBatchLoader", "photometric_shift", "random_crop",
+           "random_hflip"]
 
 OnDevice = bool | Literal["auto"]
+ValShift = Literal["none", "brightness", "contrast", "invert"]
+
+
+def photometric_shift(images: Tensor, shift: str, strength: float) -> Tensor:
+    """A new uint8 batch with a deterministic photometric shift (the input is left alone).
+
+    ``brightness`` adds ``strength·255`` and clamps to [0, 255]; ``contrast`` maps
+    ``x ← mean + (1 − strength)(x − mean)`` with each image's mean over all its pixels;
+    ``invert`` gives ``255 − x`` when ``strength ≥ 0.5`` (and leaves the images as they are
+    otherwise); ``none`` copies. Values are rounded to the nearest integer.
+    """
+    x = images.float()
+    if shift == "brightness":
+        x = x + strength * 255.0
+    elif shift == "contrast":
+        mean = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        x = mean + (1.0 - strength) * (x - mean)
+    elif shift == "invert" and strength >= 0.5:
+        x = 255.0 - x
+    return x.round_().clamp_(0, 255).to(torch.uint8)
 
 
 class ImageDataModule(SplitDataModule):
@@ -64,6 +85,14 @@ class ImageDataModule(SplitDataModule):
             batches.
         on_device: Keep the whole data set on the accelerator as uint8 and draw batches there:
             ``true``, ``false``, or ``auto`` (only when the accelerator is not the CPU).
+        val_shift: A held-out photometric shift: fitness on shifted validation data. The
+            validation images (only those; train and test stay untouched, also when
+            ``val_split`` is 0 and validation uses a copy of the test set) are transformed
+            once, deterministically, before normalization: ``brightness`` adds
+            ``shift_strength·255`` and clamps, ``contrast`` scales each image about its mean by
+            ``1 − shift_strength``, ``invert`` gives ``255 − x`` when ``shift_strength ≥ 0.5``;
+            ``none`` leaves them alone.
+        shift_strength: Strength of ``val_shift``, in [0, 1].
     """
 
     mean: tuple[float, ...] = (0.5,)
@@ -89,6 +118,8 @@ class ImageDataModule(SplitDataModule):
         num_workers: int = 0,
         augment: bool = True,
         on_device: OnDevice = "auto",
+        val_shift: ValShift = "none",
+        shift_strength: float = 0.5,
     ) -> None:
         if not (isinstance(val_split, (int, float)) and 0 <= val_split < 1):
             raise ConfigError(f"val_split must be a fraction in [0, 1), got {val_split!r}")
@@ -98,6 +129,12 @@ class ImageDataModule(SplitDataModule):
             raise ConfigError(f"num_workers must be >= 0, got {num_workers!r}")
         if on_device not in (True, False, "auto"):
             raise ConfigError(f"on_device must be true, false or 'auto', got {on_device!r}")
+        if val_shift not in ("none", "brightness", "contrast", "invert"):
+            raise ConfigError(f"val_shift must be 'none', 'brightness', 'contrast' or 'invert', "
+                              f"got {val_shift!r}")
+        if isinstance(shift_strength, bool) or not isinstance(shift_strength, (int, float)) \
+                or not 0 <= shift_strength <= 1:
+            raise ConfigError(f"shift_strength must be a number in [0, 1], got {shift_strength!r}")
         super().__init__(batch_size, num_workers, seed)
         self.save_hyperparameters()
         self.data_dir = data_dir
@@ -152,14 +189,14 @@ class ImageDataModule(SplitDataModule):
                     raise ConfigError(f"val_split={hp.val_split} leaves no training images out of "
                                       f"{len(labels)}; lower it")
                 val, train = order[:n_val], order[n_val:]
-                self.splits["val"] = (images[val], labels[val])
+                self.splits["val"] = self._shift_val((images[val], labels[val]))
                 self.splits["train"] = (images[train], labels[train])
             else:
                 self.splits["train"] = (images, labels)
         if need_test and "test" not in self.splits:
             self.splits["test"] = self.load_split("test")
-        if hp.val_split == 0 and "test" in self.splits:
-            self.splits["val"] = self.splits["test"]  # val_split = 0: validate on the test set
+        if hp.val_split == 0 and "test" in self.splits and "val" not in self.splits:
+            self.splits["val"] = self._shift_val(self.splits["test"])  # validate on the test set
         moved: dict[int, tuple[Tensor, Tensor]] = {}  # val may be the test split: move it once
         for name, (images, labels) in list(self.splits.items()):
             if images.device != target:
@@ -169,6 +206,13 @@ class ImageDataModule(SplitDataModule):
                 self.splits[name] = moved[key]
         if on_device:
             rank_zero_info(f"{self.dataset_name}: data set kept on {target} as uint8")
+
+    def _shift_val(self, split: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """The validation split with ``val_shift`` applied to a copy of its images."""
+        if self.hparams.val_shift == "none":
+            return split  # may be the test split itself: nothing is modified
+        hp = self.hparams
+        return photometric_shift(split[0], hp.val_shift, hp.shift_strength), split[1]
 
     def _dataset(self, split: str) -> TensorDataset:
         return TensorDataset(*super()._dataset(split))  # type: ignore[misc]
