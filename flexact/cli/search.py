@@ -78,7 +78,7 @@ def open_storage(spec: str, heartbeat: int = 5) -> Any:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-            failed_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
     except Exception as err:  # sqlalchemy, OSError, ValueError: all mean "cannot open"
         raise ConfigError(f"cannot open the storage {spec!r}: {type(err).__name__}: {err}; "

@@ -29,7 +29,8 @@ from flexact.nn.expressions import (
     parse,
 )
 
-__all__ = ["SCHEMAS", "canonical", "canonical_of_module", "expand_schema", "fingerprint"]
+__all__ = ["SCHEMAS", "canonical", "canonical_node", "canonical_of_module", "expand_schema",
+           "fingerprint", "parse_schema", "spell"]
 
 SCHEMAS: dict[str, str] = {
     "unary": "unary(x)",
@@ -141,9 +142,10 @@ def _one_operator_table() -> dict[bytes, Node]:
     return table
 
 
-def _canonical_node(node: Node) -> Node:
+def canonical_node(node: Node) -> Node:
+    """The canonical form of a parsed expression (see :func:`canonical`)."""
     if isinstance(node, tuple):
-        node = (node[0], *(_canonical_node(a) for a in node[1:]))
+        node = (node[0], *(canonical_node(a) for a in node[1:]))
     node = _simplify(node)
     if isinstance(node, tuple):
         known = _one_operator_table().get(fingerprint(node))
@@ -152,7 +154,7 @@ def _canonical_node(node: Node) -> Node:
     return node
 
 
-def _spell(node: Node) -> str:
+def spell(node: Node) -> str:
     """Text for a canonical node; a constant function is spelt with ``zero``/``one``."""
     if isinstance(node, float):
         if node == 0.0:
@@ -167,7 +169,7 @@ def canonical(expression: str) -> str:
     Raises:
         ExpressionError: If the expression is malformed.
     """
-    return _spell(_canonical_node(parse(expression)))
+    return spell(canonical_node(parse(expression)))
 
 
 def _fill(pattern: Node, unary: Sequence[str], binary: Sequence[Node]) -> Iterator[Node]:
@@ -189,7 +191,8 @@ def _fill(pattern: Node, unary: Sequence[str], binary: Sequence[Node]) -> Iterat
                 yield (op, *filled)
 
 
-def _parse_schema(schema: str) -> Node:
+def parse_schema(schema: str) -> Node:
+    """A schema (a name from :data:`SCHEMAS` or a pattern) parsed, slots as operators."""
     text = SCHEMAS.get(schema, schema)
     if "(" not in text:
         raise ExpressionError(f"unknown schema {schema!r}; named schemas: {', '.join(SCHEMAS)} "
@@ -228,10 +231,10 @@ def expand_schema(schema: str, unary: Sequence[str] | None = None,
     binary_ops: list[Node] = [op for op in binary_names if op != "wadd"]
     if "wadd" in binary_names:
         binary_ops += [("wadd", float(w)) for w in weights]
-    pattern = _parse_schema(schema)
+    pattern = parse_schema(schema)
     best: dict[bytes, tuple[int, str]] = {}
     for node in _fill(pattern, unary, binary_ops):
-        text = _spell(_canonical_node(node))
+        text = spell(canonical_node(node))
         key = fingerprint(text)
         if key not in best or (len(text), text) < best[key]:
             best[key] = (len(text), text)

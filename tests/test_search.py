@@ -1,0 +1,224 @@
+"""`flexact search`: spaces, samplers, studies on a storage, workers, failures, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from wsgiref.util import setup_testing_defaults
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from flexact import FlexActSpec
+from flexact.cli.search import main as search_main
+from flexact.nn.canonical import fingerprint
+from flexact.nn.expressions import ExpressionError
+from flexact.search.objective import SearchRun
+from flexact.search.space import SearchSpace, grammar_mutator
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = """\
+seed_everything: 0
+trainer:
+  max_epochs: {epochs}
+  accelerator: cpu
+  devices: 1
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+model:
+  class_path: FlexActRegressor
+  init_args:
+    backbone:
+      class_path: flexact.backbones.MLP
+      init_args: {{in_features: 4, hidden: [8], activation: relu}}
+    hidden_features: null
+    flexact: {{candidates: [relu, tanh]}}
+    optimizer:
+      class_path: torch.optim.Adam
+      init_args: {{lr: 0.01}}
+data:
+  class_path: SyntheticDataModule
+  init_args: {{truth: tanh, n_train: 128, n_val: 32, n_test: 32, batch_size: 32}}
+"""
+SPACE = ["--space", "binary_unary", "--unary", "relu", "tanh", "sin", "identity", "--binary",
+         "add", "mul"]
+
+
+def _config(tmp_path: Path, epochs: int = 2) -> Path:
+    path = tmp_path / "search.yaml"
+    path.write_text(CONFIG.format(epochs=epochs))
+    return path
+
+
+def _search(tmp_path: Path, *extra: str) -> None:
+    search_main(["--config", str(_config(tmp_path)), *SPACE, "--storage",
+                 str(tmp_path / "study.sqlite3"), "--out", str(tmp_path / "out"), *extra])
+
+
+def _study(tmp_path: Path, name: str = "flexact") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{tmp_path / 'study.sqlite3'}")
+
+
+def test_a_space_fills_its_slots_canonically_and_mutates_inside_itself() -> None:
+    space = SearchSpace("binary_unary", ["relu", "tanh", "sin", "identity"], ["add", "mul"])
+    assert space.kinds == ["binary", "unary", "unary"]
+    assert space.expression(["add", "tanh", "identity"]) == "add(tanh(x),x)"
+    functions = space.functions()
+    assert len({fingerprint(f) for f in functions}) == len(functions)
+    mutate = grammar_mutator(space)
+    rng = random.Random(0)
+    mutate.remember("add(tanh(x),x)", ["add", "tanh", "identity"])
+    children = {mutate([("add(tanh(x),x)", 0.1)], rng)[0] for _ in range(40)}
+    keys = {fingerprint(f) for f in functions}
+    assert children and all(fingerprint(c) in keys for c in children)
+    assert "add(tanh(x),x)" not in children
+    with pytest.raises(ExpressionError, match="no valid expression"):
+        SearchSpace("binary_unary", [], ["add"])
+    with pytest.raises(ExpressionError, match="unknown unary operator 'sine'"):
+        SearchSpace("unary", ["sine"])
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "evolution", "surrogate", "tournament"])
+def test_each_sampler_runs_a_study_and_writes_the_outputs(tmp_path: Path, sampler: str) -> None:
+    _search(tmp_path, "--sampler", sampler, "--n_trials", "3", "--k", "3")
+    study = _study(tmp_path)
+    trials = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(trials) == 3
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert completed and all(t.user_attrs["sampler"] == sampler for t in trials)
+    trained = [t for t in completed if "duplicate_of" not in t.user_attrs]
+    assert all(t.user_attrs["steps"] > 0 for t in trained)
+    if sampler == "tournament":
+        first = trained[0]
+        assert len(first.user_attrs["expressions"]) == 3
+        probs = first.user_attrs["probabilities"]
+        assert first.user_attrs["winner"] == max(probs, key=probs.get)
+    rows = json.loads((tmp_path / "out" / "leaderboard.json").read_text())
+    assert len(rows) == 3 and rows[0]["state"] == "COMPLETE"
+    assert {"expression", "id_metric", "ood_metric", "steps", "state"} <= set(rows[0])
+    assert (tmp_path / "out" / "progress.png").read_bytes()[:4] == b"\x89PNG"
+    top = tmp_path / "out" / "top.txt"
+    spec = FlexActSpec(candidates_file=str(top))
+    assert spec.candidates[0] == rows[0]["expression"]
+
+
+def test_a_restarted_search_continues_its_study(tmp_path: Path) -> None:
+    _search(tmp_path, "--sampler", "random", "--n_trials", "2")
+    _search(tmp_path, "--sampler", "random", "--n_trials", "4")
+    numbers = [t.number for t in _study(tmp_path).get_trials()]
+    assert numbers == [0, 1, 2, 3]  # two more, not four new ones
+    _search(tmp_path, "--sampler", "random", "--n_trials", "4")
+    assert len(_study(tmp_path).get_trials()) == 4  # already done: nothing runs
+    with pytest.raises(SystemExit):  # another space under the same name is refused
+        search_main(["--config", str(_config(tmp_path)), "--space", "unary", "--storage",
+                     str(tmp_path / "study.sqlite3"), "--out", str(tmp_path / "out")])
+
+
+def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = SearchRun.evaluate
+    calls = {"n": 0}
+
+    def flaky(self, trial, expressions):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise FloatingPointError("the loss became nan at step 3")
+        return real(self, trial, expressions)
+
+    monkeypatch.setattr(SearchRun, "evaluate", flaky)
+    _search(tmp_path, "--sampler", "random", "--n_trials", "3")
+    trials = _study(tmp_path).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(failed) == 1 and "nan at step 3" in failed[0].user_attrs["fail_reason"]
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--sampler", "annealing"], "unknown sampler 'annealing'"),
+    (["--storage", "postgresql+nosuchdriver://nobody@127.0.0.1/x"], "cannot open the storage"),
+    (["--space", "bogus"], "unknown schema 'bogus'"),
+    (["--unary", "sine"], "unknown unary operator 'sine'"),
+    (["--objective", "both", "--sampler", "tpe"], "use --sampler nsga2 or random"),
+])
+def test_bad_search_input_is_a_one_line_error(tmp_path: Path, extra: list[str], message: str,
+                                              capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        search_main(["--config", str(_config(tmp_path)), "--storage",
+                     str(tmp_path / "s.sqlite3"), "--out", str(tmp_path / "o"), *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_config_without_activation_sites_is_refused(tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    config = tmp_path / "plain.yaml"
+    config.write_text(_config(tmp_path).read_text().replace(
+        "class_path: FlexActRegressor", "class_path: tests.test_probe.PlainClassifier").replace(
+        "in_features: 4", "in_features: 10").replace(
+        "class_path: SyntheticDataModule", "class_path: TeacherDataModule").replace(
+        "{truth: tanh, n_train: 128, n_val: 32, n_test: 32, batch_size: 32}",
+        "{n_samples: 200, batch_size: 32}"))
+    with pytest.raises(SystemExit):
+        search_main(["--config", str(config), "--storage", str(tmp_path / "s.sqlite3"),
+                     "--out", str(tmp_path / "o")])
+    assert "no activation sites" in capsys.readouterr().err
+
+
+def test_optuna_dashboard_serves_the_study(tmp_path: Path) -> None:
+    dashboard = pytest.importorskip("optuna_dashboard")
+    _search(tmp_path, "--sampler", "random", "--n_trials", "1")
+    app = dashboard.wsgi(f"sqlite:///{tmp_path / 'study.sqlite3'}")
+    status = {}
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/api/studies"}
+    setup_testing_defaults(environ)
+    body = b"".join(app(environ, lambda s, h, *exc: status.setdefault("s", s)))
+    assert status["s"].startswith("200")
+    assert "flexact" in body.decode()
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_study_and_survive_a_kill(tmp_path: Path) -> None:
+    config = _config(tmp_path, epochs=60)
+    storage = tmp_path / "study.sqlite3"
+    args = [sys.executable, "-m", "flexact", "search", "--config", str(config), *SPACE,
+            "--sampler", "random", "--n_trials", "6", "--storage", str(storage), "--heartbeat",
+            "1", "--out", str(tmp_path / "out")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    workers = [subprocess.Popen([*args, "--seed", str(s)], cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for s in (1, 2)]
+    url = f"sqlite:///{storage}"
+    deadline = time.time() + 120
+    victim = None
+    while time.time() < deadline and victim is None:  # kill worker 0 in the middle of a fit
+        time.sleep(1)
+        try:
+            study = optuna.load_study(study_name="flexact", storage=url)
+        except KeyError:
+            continue
+        if any(t.state == TrialState.RUNNING for t in study.get_trials()):
+            time.sleep(2)
+            workers[0].send_signal(signal.SIGKILL)
+            victim = workers[0]
+    assert victim is not None, "no trial started"
+    victim.wait(timeout=30)
+    assert workers[1].wait(timeout=300) == 0
+    trials = optuna.load_study(study_name="flexact", storage=url).get_trials()
+    states = [t.state for t in trials]
+    assert TrialState.FAIL in states  # the killed worker's trial
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) >= 6 - states.count(TrialState.FAIL)
+    trained = [tuple(t.user_attrs["expressions"]) for t in trials
+               if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
+    assert len(trained) == len(set(trained))  # no expression trained twice
+    assert not any(t.state == TrialState.RUNNING for t in trials)
