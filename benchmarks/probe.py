@@ -69,9 +69,33 @@ def train(path: Path, names: list[str], tasks: list[str], epochs: int | None = N
     return cache
 
 
+def speed() -> None:
+    """Wall time of `flexact probe` (features and ranking, no training) on the real configs."""
+    import subprocess
+    import tempfile
+
+    from flexact.tools.digits import write_digits_cifar, write_digits_mnist
+
+    repo = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        write_digits_mnist(tmp)
+        write_digits_cifar(tmp)
+        cases = [("lenet5_mnist.yaml", ["schema:unary_unary", "--limit", "50"], 50),
+                 ("resnet18.yaml", ["relu", "sigmoid", "tanh", "leaky_relu", "identity"], 5)]
+        for config, candidates, n in cases:
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "flexact", "probe", "--config",
+                            str(repo / "configs" / config), f"--data.init_args.data_dir={tmp}",
+                            "--data.init_args.download=false", "--candidates", *candidates,
+                            "--out", f"{tmp}/out", "--db", f"{tmp}/db.sqlite"], check=True,
+                           capture_output=True)
+            wall = time.perf_counter() - start
+            print(f"| {config} | {n} | {wall:.1f} s | {60 * n / wall:.0f} candidates/min |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("phase", choices=["train", "evaluate", "smoke"])
+    parser.add_argument("phase", choices=["train", "evaluate", "speed", "smoke"])
     parser.add_argument("--cache", type=Path, default=CACHE)
     parser.add_argument("--tasks", nargs="*", default=list(TASKS))
     parser.add_argument("--threads", type=int, default=1)
@@ -79,6 +103,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.phase == "train":
         train(args.cache, expressions(), args.tasks)
+    elif args.phase == "speed":
+        speed()
     elif args.phase == "evaluate":
         from probe_eval import evaluate
 

@@ -12,7 +12,14 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from flexact.nn.canonical import canonical, canonical_node, expand_schema, parse_schema, spell
+from flexact.nn.canonical import (
+    canonical,
+    canonical_node,
+    expand_schema,
+    fingerprint,
+    parse_schema,
+    spell,
+)
 from flexact.nn.expressions import BINARY, UNARY, ExpressionError, Node, parse
 
 __all__ = ["Mutator", "SearchSpace", "grammar_mutator"]
@@ -84,7 +91,15 @@ class SearchSpace:
                 return ("wadd", *rest, float(op.split(":", 1)[1]))
             return (op, *rest)
 
-        return spell(canonical_node(fill(self.pattern)))
+        text = spell(canonical_node(fill(self.pattern)))
+        # The space's own representative of that function (fingerprint-equal spellings such as
+        # mul(relu(x),relu(x)) and mul(relu(x),x) are one function, evaluated once).
+        return self._representatives().get(fingerprint(text), text)
+
+    def _representatives(self) -> dict[bytes, str]:
+        if not hasattr(self, "_table"):
+            self._table = {fingerprint(f): f for f in self.functions()}
+        return self._table
 
     def functions(self) -> list[str]:
         """Every distinct function of the space, canonical and sorted."""
