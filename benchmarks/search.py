@@ -162,7 +162,7 @@ def run_sampler(name: str, space: SearchSpace, truth: dict[str, float], seed: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=120, help="trial budget per search")
+    parser.add_argument("--trials", type=int, default=400, help="trial budget per search")
     parser.add_argument("--smoke", action="store_true", help="a tiny space, 2 seeds")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()

@@ -127,3 +127,31 @@ def test_sweep_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         assert 0 <= cell["within"] <= cell["seeds"] and 0 <= cell["decisive"] <= 1
     everywhere = [c for c in cells if c["flexact"].startswith("everywhere")]
     assert everywhere and all(c["hidden"] for c in everywhere)  # 7 backbone sites swapped
+
+
+def _script(*args: str) -> str:
+    import subprocess
+
+    result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=600, check=True)
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_probe_benchmark_smoke() -> None:
+    """Tiny train + evaluate: every task and method gets a row; the real cache is untouched."""
+    cache = REPO / "benchmarks" / "probe_cache.json"
+    before = cache.stat().st_mtime if cache.exists() else None
+    out = _script("benchmarks/probe.py", "smoke")
+    for task in ("teacher_mlp", "digits_lenet", "digits_resnet"):
+        for method in ("random", "output only", "fisher only", "both (default)"):
+            assert f"| {task} | " in out and f"| {method} | " in out
+    assert (cache.stat().st_mtime if cache.exists() else None) == before
+
+
+def test_search_benchmark_smoke() -> None:
+    """Every sampler runs against the exhaustive ground truth of a tiny space."""
+    out = _script("benchmarks/search.py", "--smoke")
+    assert "exhaustive best" in out
+    for sampler in ("random", "tpe", "evolution", "surrogate", "tournament"):
+        assert f"| {sampler} | " in out

@@ -52,6 +52,7 @@ class SearchSpace:
     binary: Sequence[str] | None = None
     pattern: Node = field(init=False)
     kinds: list[str] = field(init=False)
+    slots_of: dict[str, list[str]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.unary = list(UNARY) if self.unary is None else list(self.unary)
@@ -91,9 +92,16 @@ class SearchSpace:
                 return ("wadd", *rest, float(op.split(":", 1)[1]))
             return (op, *rest)
 
-        text = spell(canonical_node(fill(self.pattern)))
-        # The space's own representative of that function (fingerprint-equal spellings such as
-        # mul(relu(x),relu(x)) and mul(relu(x),x) are one function, evaluated once).
+        text = self.representative(spell(canonical_node(fill(self.pattern))))
+        self.slots_of.setdefault(text, list(values))
+        return text
+
+    def representative(self, text: str) -> str:
+        """The space's own spelling of ``text``'s function, if the space has it.
+
+        Fingerprint-equal spellings such as ``mul(relu(x),relu(x))`` and ``mul(relu(x),x)``
+        are one function, evaluated once.
+        """
         return self._representatives().get(fingerprint(text), text)
 
     def _representatives(self) -> dict[bytes, str]:
@@ -145,20 +153,15 @@ def grammar_mutator(space: SearchSpace) -> Mutator:
     Parents from this space are mutated in their slots (the child stays in the space); other
     expressions (from a plug-in mutator, say) in their parse tree.
     """
-    table: dict[str, list[str]] = {}
 
     def mutate(parents: Sequence[tuple[str, float]], rng: random.Random) -> list[str]:
         parent = min(parents, key=lambda p: p[1])[0]
-        slots = table.get(canonical(parent))
+        slots = space.slots_of.get(parent) or space.slots_of.get(canonical(parent))
         if slots is not None:
             i = rng.randrange(len(slots))
             options = [o for o in space.choices(i) if o != slots[i]] or [slots[i]]
-            child = [*slots[:i], rng.choice(options), *slots[i + 1:]]
-            text = space.expression(child)
-            table.setdefault(text, child)
-            return [text]
+            return [space.expression([*slots[:i], rng.choice(options), *slots[i + 1:]])]
         tree = _mutate_tree(parse(parent), rng, space.unary, space.binary)  # type: ignore
-        return [spell(canonical_node(tree))]
+        return [space.representative(spell(canonical_node(tree)))]
 
-    mutate.remember = lambda text, slots: table.setdefault(text, list(slots))  # type: ignore
     return mutate
