@@ -5,8 +5,8 @@ Fisher spectrum of the task's model at initialization on the first 128 training 
 Over repeated random splits (80 % measured, 20 % held out) each ranking method predicts the
 held-out accuracies; reported are the mean Spearman ρ over splits and the top-10 % recall (the
 share of splits in which the held-out measured best is among the method's top 10 % of the held
-out). Methods: a random ranking; UMAP + 3-NN on the output features alone; on the Fisher
-features alone; on both (flexact's default); and 3-NN on both without UMAP, and after PCA.
+out). Methods: a random ranking; 3-NN on the output features alone; on the Fisher features
+alone; on both after UMAP (the paper's); on both (flexact's default); on both after PCA.
 It also writes flexact/probe/reference.json: per expression, its mean accuracy quantile over
 the tasks, which ``flexact probe`` uses before a task has measurements of its own.
 """
@@ -28,8 +28,8 @@ from flexact.probe.fisher import fisher_features, output_distribution
 from flexact.probe.surrogate import predict, standardize_blocks
 
 REFERENCE = Path(__file__).resolve().parents[1] / "flexact" / "probe" / "reference.json"
-METHODS = ("random", "output only", "fisher only", "both (default)", "both, no UMAP",
-           "both, PCA")
+METHODS = ("random", "output only", "fisher only", "both, UMAP (the paper's)",
+           "both, no UMAP (default)", "both, PCA")
 
 
 def features(task_name: str, names: list[str]) -> tuple[np.ndarray, np.ndarray, float]:
@@ -69,7 +69,8 @@ def score_methods(outs: np.ndarray, fims: np.ndarray, acc: np.ndarray, splits: i
             if method == "random":
                 pred = rng.random(n)
             else:
-                embedding = {"both, no UMAP": "none", "both, PCA": "pca"}.get(method, "umap")
+                embedding = {"both, UMAP (the paper's)": "umap", "both, PCA": "pca"}.get(
+                    method, "none")
                 pred = predict(_method_features(method, outs, fims), known, acc[known],
                                embedding=embedding, seed=split)
             rho = spearmanr(pred[held], acc[held]).statistic

@@ -144,7 +144,7 @@ def test_probe_benchmark_smoke() -> None:
     before = cache.stat().st_mtime if cache.exists() else None
     out = _script("benchmarks/probe.py", "smoke")
     for task in ("teacher_mlp", "digits_lenet", "digits_resnet"):
-        for method in ("random", "output only", "fisher only", "both (default)"):
+        for method in ("random", "output only", "fisher only", "both, no UMAP (default)"):
             assert f"| {task} | " in out and f"| {method} | " in out
     assert (cache.stat().st_mtime if cache.exists() else None) == before
 
