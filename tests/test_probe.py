@@ -211,3 +211,18 @@ def test_the_surrogate_predicts_unmeasured_points_from_their_neighbours(embeddin
     assert np.abs(pred[held] - value[held]).max() < 0.5
     with pytest.raises(ConfigError, match="at least one measured"):
         predict(feats, [], [])
+
+
+def test_probe_runs_on_a_real_config_with_mnist_files_on_disk(tmp_path: Path) -> None:
+    from flexact.tools.digits import write_digits_mnist
+
+    write_digits_mnist(tmp_path / "data")
+    repo = Path(__file__).resolve().parents[1]
+    _run(["--config", str(repo / "configs" / "lenet5_mnist.yaml"),
+          f"--data.init_args.data_dir={tmp_path / 'data'}", "--data.init_args.download=false",
+          "--candidates", "relu", "schema:unary", "--limit", "3", "--out", str(tmp_path / "o"),
+          "--db", str(tmp_path / "db.sqlite")])
+    rows = json.loads((tmp_path / "o" / "probe.json").read_text())["candidates"]
+    assert 2 <= len(rows) <= 4 and rows[0]["rank"] == 1
+    assert "reference results" in json.loads((tmp_path / "o" / "probe.json").read_text())[
+        "source"]

@@ -221,3 +221,13 @@ def test_two_workers_share_a_study_and_survive_a_kill(tmp_path: Path) -> None:
                if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
     assert len(trained) == len(set(trained))  # no expression trained twice
     assert not any(t.state == TrialState.RUNNING for t in trials)
+
+
+def test_both_objectives_run_nsga2_on_id_and_ood(tmp_path: Path) -> None:
+    _search(tmp_path, "--sampler", "nsga2", "--objective", "both", "--n_trials", "2")
+    study = _study(tmp_path)
+    assert len(study.directions) == 2
+    done = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert done and all(len(t.values) == 2 for t in done)
+    assert all(t.values == [t.user_attrs["scores"]["id"], t.user_attrs["scores"]["ood"]]
+               for t in done if "duplicate_of" not in t.user_attrs)

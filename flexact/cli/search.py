@@ -65,7 +65,9 @@ def open_storage(spec: str, heartbeat: int = 5) -> Any:
         ConfigError: If it cannot be opened.
     """
     import optuna
-    from optuna.storages import RetryFailedTrialCallback
+    from optuna import storages
+
+    retry = storages.RetryHeartbeatStaleTrialCallback
 
     try:
         if spec.endswith((".log", ".journal")):
@@ -78,7 +80,7 @@ def open_storage(spec: str, heartbeat: int = 5) -> Any:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         return optuna.storages.RDBStorage(
             url, heartbeat_interval=heartbeat, grace_period=3 * heartbeat,
-            heartbeat_stale_trial_callback=RetryFailedTrialCallback(max_retry=1),
+            heartbeat_stale_trial_callback=retry(max_retry=1),
             engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None)
     except Exception as err:  # sqlalchemy, OSError, ValueError: all mean "cannot open"
         raise ConfigError(f"cannot open the storage {spec!r}: {type(err).__name__}: {err}; "

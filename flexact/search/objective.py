@@ -103,7 +103,8 @@ class SearchRun:
                 parent = module.model.get_submodule(parent_name) if parent_name else module.model
                 setattr(parent, name, FlexAct(spec))
         pruning = PruningCallback(trial, self.metric)
-        cli.trainer.callbacks.append(pruning)
+        if self.objective != "both":  # Optuna prunes single-objective studies only
+            cli.trainer.callbacks.append(pruning)
         cli.trainer.fit(module, datamodule=data)
         steps = int(cli.trainer.global_step)
         if pruning.pruned:
