@@ -197,6 +197,13 @@ def main() -> None:
         spread = f"{np.median(steps):.0f} ({min(steps)}–{max(steps)})" if steps else "—"
         print(f"| {sampler} | {len(steps)}/{args.seeds} | {spread} | "
               f"{np.median([b for _, b in runs]):.4f} |", flush=True)
+    # The search's top 5 go back in as candidates (top.txt → candidates_file:); FlexAct picks
+    # by the training (in-distribution) loss, so also try them beside the baselines.
+    top = sorted(functions, key=truth.get)[:5]
+    for candidates in (top, [*BASELINES, *top]):
+        pick = tournament(candidates)
+        print(f"FlexAct over {len(candidates)} candidates ({', '.join(candidates)}) picks "
+              f"{pick}: OOD MSE {truth[pick]:.4f}")
     for sampler in ("surrogate", "tournament"):
         if math.isinf(medians["random"]):
             print(f"{sampler} / random: random never reached ε within the budget")
