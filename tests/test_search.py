@@ -231,3 +231,32 @@ def test_both_objectives_run_nsga2_on_id_and_ood(tmp_path: Path) -> None:
     assert done and all(len(t.values) == 2 for t in done)
     assert all(t.values == [t.user_attrs["scores"]["id"], t.user_attrs["scores"]["ood"]]
                for t in done if "duplicate_of" not in t.user_attrs)
+
+
+class _AlwaysPrune:
+    """A stand-in trial whose pruner stops every fit after its first validation."""
+
+    number = 0
+
+    def __init__(self) -> None:
+        self.reports: list[tuple[float, int]] = []
+        self.user_attrs: dict = {}
+
+    def report(self, value: float, step: int) -> None:
+        self.reports.append((value, step))
+
+    def should_prune(self) -> bool:
+        return True
+
+    def set_user_attr(self, key: str, value: object) -> None:
+        self.user_attrs[key] = value
+
+
+def test_the_pruning_callback_stops_a_fit_the_pruner_rejects(tmp_path: Path) -> None:
+    config = _config(tmp_path, epochs=5)
+    run = SearchRun([f"--config={config}"], "val_loss", "ood", root=tmp_path / "trials")
+    trial = _AlwaysPrune()
+    with pytest.raises(optuna.TrialPruned):
+        run.evaluate(trial, ["sin(x)"])
+    assert len(trial.reports) == 1 and trial.reports[0][1] == 0  # reported epoch 0, then stopped
+    assert 0 < trial.user_attrs["steps"] < 5 * 4  # fewer steps than the 5 epochs of 4 batches
