@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logged metric to record for --train_top (default: val_acc if "
                              "logged, else val_loss)")
     parser.add_argument("--bins", type=int, default=24, help="histogram bins per layer")
+    parser.add_argument("--samples", type=int, default=32,
+                        help="examples of one training batch the Fisher features use")
     parser.add_argument("--embedding", choices=["none", "umap", "pca"], default="none",
                         help="the surrogate's embedding before k-NN (none: k-NN on the "
                              "standardized features, the benchmark's best; umap: the paper's)")
@@ -120,7 +122,7 @@ def probe(args: argparse.Namespace, overrides: list[str]) -> list[Row]:
     from flexact.probe.results import ResultsDB
 
     cli_args = [*(f"--config={c}" for c in args.config), *overrides]
-    task = ProbeTask.from_cli(cli_args, args.seed)
+    task = ProbeTask.from_cli(cli_args, args.seed, args.samples)
     db = ResultsDB(args.db)
     key = task_key(task.config)
     measured = db.measurements(key)
@@ -201,8 +203,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = build_parser()
     args, overrides = parser.parse_known_args(None if argv is None else list(argv))
-    if args.train_top < 0 or (args.limit is not None and args.limit < 1) or args.bins < 2:
-        parser.error("--train_top must be >= 0, --limit >= 1 and --bins >= 2")
+    if args.train_top < 0 or (args.limit is not None and args.limit < 1) or args.bins < 2 \
+            or args.samples < 1:
+        parser.error("--train_top must be >= 0, --limit and --samples >= 1, --bins >= 2")
     try:
         probe(args, overrides)
     except ConfigError as err:
