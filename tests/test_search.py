@@ -205,13 +205,17 @@ def test_two_workers_share_a_study_and_survive_a_kill(tmp_path: Path) -> None:
             study = optuna.load_study(study_name="flexact", storage=url)
         except KeyError:
             continue
-        if any(t.state == TrialState.RUNNING for t in study.get_trials()):
-            time.sleep(2)
-            workers[0].send_signal(signal.SIGKILL)
-            victim = workers[0]
+        owners = {t.user_attrs.get("worker", "").rpartition(":")[2]
+                  for t in study.get_trials() if t.state == TrialState.RUNNING}
+        running = [w for w in workers if str(w.pid) in owners]
+        if running:  # kill a worker in the middle of its fit
+            time.sleep(1)
+            victim = running[0]
+            victim.send_signal(signal.SIGKILL)
     assert victim is not None, "no trial started"
     victim.wait(timeout=30)
-    assert workers[1].wait(timeout=300) == 0
+    survivor = next(w for w in workers if w is not victim)
+    assert survivor.wait(timeout=300) == 0
     trials = optuna.load_study(study_name="flexact", storage=url).get_trials()
     states = [t.state for t in trials]
     assert TrialState.FAIL in states  # the killed worker's trial
@@ -221,6 +225,10 @@ def test_two_workers_share_a_study_and_survive_a_kill(tmp_path: Path) -> None:
                if t.state == TrialState.COMPLETE and "duplicate_of" not in t.user_attrs]
     assert len(trained) == len(set(trained))  # no expression trained twice
     assert not any(t.state == TrialState.RUNNING for t in trials)
+    killed = next(t for t in trials if t.state == TrialState.FAIL)
+    assert any(t.user_attrs.get("expressions") == killed.user_attrs["expressions"]
+               and t.number > killed.number and t.state == TrialState.COMPLETE
+               for t in trials)  # re-queued with its expression and finished by the survivor
 
 
 def test_both_objectives_run_nsga2_on_id_and_ood(tmp_path: Path) -> None:

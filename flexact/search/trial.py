@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +43,7 @@ def make_objective(search: SearchRun, proposer: Proposer, sampler: str
         expressions = trial.user_attrs.get("expressions") or proposer.propose(study, trial)
         trial.set_user_attr("expressions", list(expressions))
         trial.set_user_attr("sampler", sampler)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         earlier = _duplicate_of(study, trial, list(expressions))
         if earlier is not None:
             trial.set_user_attr("duplicate_of", earlier.number)
