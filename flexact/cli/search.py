@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--binary", nargs="+", default=None, help="binary operators (wadd:0.1 for "
                    "a weighted sum)")
     p.add_argument("--sampler", default="tpe", help=f"one of {', '.join(SAMPLERS)}")
-    p.add_argument("--n_trials", type=int, default=20, help="trials of the whole study")
+    p.add_argument("--n_trials", type=int, default=20, help="completed or pruned trials of "
+                   "the whole study (failed ones do not count)")
     p.add_argument("--study", default="flexact", help="study name (reused: continues)")
     p.add_argument("--storage", default="search.sqlite3", help="sqlite file, database URL, "
                    "or journal file (*.log)")
@@ -145,7 +146,9 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Any:
                              mutator=_mutator(args.mutator), features=features)
     search = SearchRun(cli_args, args.metric, args.objective, args.finetune_epochs,
                        args.out / "trials")
-    done = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    # Failed trials do not count toward the total: a killed worker's re-queued trial still
+    # runs. Each invocation runs at most `remaining` trials, so failures cannot loop forever.
+    done = (TrialState.COMPLETE, TrialState.PRUNED)
     remaining = args.n_trials - len(study.get_trials(deepcopy=False, states=done))
     if remaining > 0:
         study.optimize(make_objective(search, proposer, args.sampler), n_trials=remaining,
