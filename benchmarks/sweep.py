@@ -18,18 +18,31 @@ Tasks:
   so the student has the teacher's depth (the recipe of benchmarks/teacher.py: Adam 0.01, batch
   128, λ = 0.3, τ 1 → 0.2 per step, 20 epochs) on 6 000 examples instead of 10 000.
 
+- ``digits-lenet5``: scikit-learn's digits written as MNIST idx files (1 500 train / 297 test,
+  flexact/tools/digits.py) and read by ``MNISTDataModule`` (torchvision's ``MNIST``); LeNet5 with
+  6 and 16 maps and the head ``Linear 256→84 → act → Linear 84→10``; Adam 3e-3, batch 64,
+  12 epochs.
+- ``text-cnn``: 2 000 reviews written as review polarity v2.0 folders (``txt_sentoken``) and read
+  by ``TextDataModule``: 30 words each, three sentiment words, each of the review's polarity with
+  probability 0.7 (flexact/tools/fake_data.py), 20 % test; a TextCNN (32-dim embeddings, filters
+  of widths 3 and 5, 16 each) and the head ``Linear 32→16 → act → Linear 16→2``; Adam 3e-3,
+  batch 50, 8 epochs.
+
 Runs:
 
 - sweep member ``a``: the same module with ``flexact={"candidates": [a]}`` in the head and the
   backbone's ``activation=a``. Its one-candidate head is committed before training (it computes
   exactly ``a``, as a plain activation module would) and its α is 0 (the KL of a one-candidate
   layer is 0): the cheapest fixed-activation run, so the time ratios are conservative.
-- FlexAct ``head``: the five candidates in the head; the backbone keeps the MLP's default ReLU.
-  α = 0.3 (the paper's regularizer) and α = 0 (no bias correction).
-- FlexAct ``everywhere`` (tasks whose backbone has activation sites: teacher depth 8):
-  ``swap_backbone=True`` with ``kl_reduction="mean"``; α = 0.3, α = 0.3 with the KL on the head
-  only (``regularize_backbone=False`` with ``kl_reduction="sum"``, i.e. the head's own KL: "mean"
-  divides by every FlexAct layer, regularized or not), and α = 0.
+- FlexAct ``head`` (:data:`HEAD_VARIANTS`): the five candidates in the head; the backbone keeps
+  its default ReLU. The variants differ in α (the paper's 0.3, 0.1, 0), the selection logits'
+  learning rate over the weights' (``selection_lr_scale`` 1, 5, 10, 30), straight-through hard
+  samples, and logits held fixed for the first 30 % of the run (``select_after``).
+- FlexAct ``everywhere`` (:data:`EVERYWHERE_VARIANTS`; tasks whose backbone has activation
+  sites: teacher depth 8, digits, text): ``swap_backbone=True``; α = 0.3 with
+  ``kl_reduction="mean"``, α = 0.3 on the head only (``regularize_backbone=False`` with
+  ``kl_reduction="sum"``, i.e. the head's own KL: "mean" divides by every FlexAct layer,
+  regularized or not), α = 0, each with the selection learning-rate variants above.
 - Every FlexAct run has ``TemperatureAnnealing(1 → 0.2)`` and ``SelectionCommit(mode="adaptive",
   threshold=0.9, patience=3, min_fraction=0.2, check_every_n_steps=20, prune_below=0.02,
   at=0.7)``; sweep members have the same annealing (a no-op for them).
@@ -38,8 +51,9 @@ Metric: test MSE (synthetic, lower is better) or test accuracy in % (teacher, hi
 of the model in eval mode (FlexAct applies exactly its picks). The sweep's best activation is the
 one with the best mean test metric over seeds.
 
-Usage: ``python benchmarks/sweep.py [--seeds 3] [--epochs N] [--tasks synthetic teacher ...]
-[--threads 1] [--no-write] [--smoke]`` (about 10 minutes on this shared 2-core machine).
+Usage: ``python benchmarks/sweep.py [--seeds 3] [--epochs N] [--tasks synthetic teacher image
+text ...] [--variants TEXT ...] [--threads 1] [--no-write] [--smoke]`` (about 15 minutes on this
+shared 2-core machine).
 """
 
 from __future__ import annotations
@@ -48,6 +62,7 @@ import argparse
 import logging
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections import Counter
@@ -59,12 +74,14 @@ from typing import Any
 import lightning as L
 import torch
 
-from flexact.backbones import MLP
+from flexact.backbones import MLP, LeNet5, TextCNN
 from flexact.callbacks import SelectionCommit, TemperatureAnnealing
 from flexact.callbacks.selection_summary import named_layers
-from flexact.datamodules import SyntheticDataModule
+from flexact.datamodules import MNISTDataModule, SyntheticDataModule, TextDataModule
 from flexact.datamodules.teacher import TeacherDataModule
 from flexact.modules import FlexActClassifier, FlexActRegressor
+from flexact.tools.digits import write_digits_mnist
+from flexact.tools.fake_data import write_review_polarity
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # sibling scripts, not a package
@@ -86,16 +103,53 @@ class Variant:
     everywhere: bool = False
     regularize_backbone: bool = True
     kl_reduction: str = "mean"
+    selection_lr_scale: float = 10.0  # the logits' learning rate over the weights'
+    hard: bool = False  # straight-through one-hot samples (GDAS-style)
+    select_after: float = 0.0  # logits frozen (uniform mixture) for this fraction of the run
 
 
-HEAD_VARIANTS = [Variant("head, α=0.3", 0.3), Variant("head, α=0", 0.0)]
-EVERYWHERE_VARIANTS = [
-    Variant("everywhere, α=0.3 (mean KL)", 0.3, everywhere=True),
-    # "sum": the head's own KL; "mean" would divide it by all 8 layers, regularized or not.
-    Variant("everywhere, α=0.3 on the head only", 0.3, everywhere=True,
-            regularize_backbone=False, kl_reduction="sum"),
-    Variant("everywhere, α=0", 0.0, everywhere=True),
+class _FreezeLogits(L.Callback):
+    """Experimental: no selection-logit updates before ``fraction`` of the run."""
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: Any) -> None:
+        if trainer.global_step < self.fraction * trainer.estimated_stepping_batches:
+            for _, layer in named_layers(pl_module):
+                layer.logits.grad = None
+
+
+HEAD_VARIANTS = [
+    Variant("head, α=0.3, selection lr ×1 (the paper)", 0.3, selection_lr_scale=1.0),
+    Variant("head, α=0, selection lr ×1", 0.0, selection_lr_scale=1.0),
+    Variant("head, α=0.3, selection lr ×10", 0.3),
+    Variant("head, α=0.1, selection lr ×10", 0.1),
+    Variant("head, α=0, selection lr ×10 (flexact's default)", 0.0),
+    Variant("head, α=0, selection lr ×5", 0.0, selection_lr_scale=5.0),
+    Variant("head, α=0, selection lr ×30", 0.0, selection_lr_scale=30.0),
+    Variant("head, α=0, hard, selection lr ×10", 0.0, hard=True),
+    Variant("head, α=0, selection lr ×30 after 30 %", 0.0, selection_lr_scale=30.0,
+            select_after=0.3),
 ]
+EVERYWHERE_VARIANTS = [
+    Variant("everywhere, α=0.3 (mean KL), selection lr ×1", 0.3, everywhere=True,
+            selection_lr_scale=1.0),
+    # "sum": the head's own KL; "mean" would divide it by all layers, regularized or not.
+    Variant("everywhere, α=0.3 on the head only, selection lr ×1", 0.3, everywhere=True,
+            regularize_backbone=False, kl_reduction="sum", selection_lr_scale=1.0),
+    Variant("everywhere, α=0, selection lr ×1", 0.0, everywhere=True, selection_lr_scale=1.0),
+    Variant("everywhere, α=0.3 on the head only, selection lr ×10", 0.3, everywhere=True,
+            regularize_backbone=False, kl_reduction="sum"),
+    Variant("everywhere, α=0, selection lr ×10 (flexact's default)", 0.0, everywhere=True),
+    Variant("everywhere, α=0, selection lr ×30", 0.0, everywhere=True, selection_lr_scale=30.0),
+    Variant("everywhere, α=0, hard, selection lr ×10", 0.0, everywhere=True, hard=True),
+    Variant("everywhere, α=0, selection lr ×30 after 30 %", 0.0, everywhere=True,
+            selection_lr_scale=30.0, select_after=0.3),
+]
+SMOKE_VARIANTS = {HEAD_VARIANTS[0].name, HEAD_VARIANTS[4].name, EVERYWHERE_VARIANTS[0].name,
+                  EVERYWHERE_VARIANTS[4].name}  # the paper's and flexact's defaults
 
 
 @dataclass
@@ -103,7 +157,7 @@ class Task:
     """A data set and the module that learns it; ``build`` makes one run's module."""
 
     name: str
-    kind: str  # "synthetic" | "teacher"
+    kind: str  # "synthetic" | "teacher" | "digits" | "text"
     make_data: Callable[[bool], L.LightningDataModule]  # argument: smoke sizes
     lr: float
     epochs: int
@@ -112,34 +166,50 @@ class Task:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.kind == "teacher"
+        return self.kind != "synthetic"
 
     @property
     def metric_name(self) -> str:
-        return "test accuracy %" if self.kind == "teacher" else "test MSE"
+        return "test MSE" if self.kind == "synthetic" else "test accuracy %"
 
     def build(self, activation: str | None, variant: Variant | None) -> L.LightningModule:
         """A sweep member (``activation``) or a FlexAct run (``variant``)."""
         candidates = CANDIDATES if activation is None else [activation]
         common: dict[str, Any] = {
-            "flexact": {"candidates": candidates, "kl_lambda": KL_LAMBDA},
+            "flexact": {"candidates": candidates, "kl_lambda": KL_LAMBDA,
+                        "hard": variant is not None and variant.hard},
             "alpha": 0.0 if variant is None else variant.alpha,
+            "selection_lr_scale": 1.0 if variant is None else variant.selection_lr_scale,
             "optimizer": lambda params: torch.optim.Adam(params, lr=self.lr),
         }
         if self.kind == "synthetic":
             module: L.LightningModule = FlexActRegressor(in_features=4, hidden_features=None,
                                                          **common)
+            return _fix(module, activation)
+        everywhere = variant is not None and variant.everywhere
+        common.update(swap_backbone=everywhere,
+                      kl_reduction="mean" if variant is None else variant.kl_reduction,
+                      regularize_backbone=variant is None or variant.regularize_backbone)
+        act = activation or "relu"  # head-only FlexAct: the backbone keeps its ReLU
+        if self.kind == "teacher":
+            backbone: torch.nn.Module = MLP(10, hidden=[10] * (self.depth - 1), activation=act)
+            head = {"num_classes": 2, "hidden_features": 10}
+        elif self.kind == "digits":
+            backbone = LeNet5(1, 28, channels=(6, 16), hidden_features=None, activation=act)
+            head = {"num_classes": 10, "hidden_features": 84}
         else:
-            everywhere = variant is not None and variant.everywhere
-            module = FlexActClassifier(
-                backbone=MLP(10, hidden=[10] * (self.depth - 1), activation=activation or "relu"),
-                num_classes=2, hidden_features=10, swap_backbone=everywhere,
-                kl_reduction="mean" if variant is None else variant.kl_reduction,
-                regularize_backbone=variant is None or variant.regularize_backbone, **common)
-        if activation is not None:
-            for _, layer in named_layers(module):
-                layer.commit(True)  # one candidate: exactly the activation, from step 0
-        return module
+            backbone = TextCNN(embedding_dim=32, filter_sizes=(3, 5), num_filters=16,
+                               activation=act, dropout=0.0)
+            head = {"num_classes": 2, "hidden_features": 16}
+        return _fix(FlexActClassifier(backbone=backbone, **head, **common), activation)
+
+
+def _fix(module: L.LightningModule, activation: str | None) -> L.LightningModule:
+    """A sweep member's one-candidate FlexAct layers computing exactly ``activation``."""
+    if activation is not None:
+        for _, layer in named_layers(module):
+            layer.commit(True)  # one candidate: exactly the activation, from step 0
+    return module
 
 
 def make_tasks() -> dict[str, Task]:
@@ -161,23 +231,59 @@ def make_tasks() -> dict[str, Task]:
         name = f"teacher-d{depth}-{teacher}"
         tasks[name] = Task(name, "teacher", teacher_data, lr=0.01, epochs=20, depth=depth,
                            variants=variants)
+    tasks["digits-lenet5"] = Task("digits-lenet5", "digits", _digits, lr=3e-3, epochs=12,
+                                  variants=HEAD_VARIANTS + EVERYWHERE_VARIANTS)
+    tasks["text-cnn"] = Task("text-cnn", "text", _reviews, lr=3e-3, epochs=8,
+                             variants=HEAD_VARIANTS + EVERYWHERE_VARIANTS)
     return tasks
+
+
+_ROOT: list[tempfile.TemporaryDirectory[str]] = []  # the on-disk data, written once a process
+
+
+def _data_dir() -> str:
+    if not _ROOT:
+        _ROOT.append(tempfile.TemporaryDirectory(prefix="flexact-sweep-"))
+        root = _ROOT[0].name
+        write_digits_mnist(root)
+        # Three sentiment words per review, each of the review's polarity with probability 0.7:
+        # the label shows in the majority only, so the task is not solved by one word.
+        write_review_polarity(root, n_per_class=1000, length=30, cue_purity=0.7)
+    return _ROOT[0].name
+
+
+def _digits(smoke: bool) -> L.LightningDataModule:
+    """scikit-learn's digits as MNIST idx files (1 500 train / 297 test), read by torchvision."""
+    return MNISTDataModule(data_dir=_data_dir(), val_split=0.0, batch_size=64, augment=False,
+                           on_device=False)
+
+
+def _reviews(smoke: bool) -> L.LightningDataModule:
+    """Review-polarity v2.0 folders (``txt_sentoken/{neg,pos}``), 2 000 reviews, 20 % test."""
+    return TextDataModule(data_dir=_data_dir(), source="review_polarity", val_split=0.0,
+                          test_split=0.2, batch_size=50)
 
 
 TASKS = make_tasks()
 GROUPS = {"synthetic": [t for t in TASKS if t.startswith("synthetic")],
-          "teacher": [t for t in TASKS if t.startswith("teacher")]}
+          "teacher": [t for t in TASKS if t.startswith("teacher")],
+          "image": ["digits-lenet5"], "text": ["text-cnn"]}
 
 
 def evaluate(task: Task, module: L.LightningModule, data: L.LightningDataModule) -> float:
     data.setup("test")
-    x, y = data.splits["test"].tensors
     module.eval()
+    total, n = 0.0, 0
     with torch.no_grad():
-        out = module(x)
-    if task.kind == "teacher":
-        return 100.0 * float((out.argmax(-1) == y).float().mean())
-    return float((out - y.reshape(out.shape)).square().mean())
+        for batch in data.test_dataloader():
+            x, y = data.on_after_batch_transfer(batch, 0)  # images: uint8 → normalized floats
+            out = module(x)
+            if task.kind == "synthetic":
+                total += float((out - y.reshape(out.shape)).square().sum())
+            else:
+                total += 100.0 * float((out.argmax(-1) == y).sum())
+            n += len(y)
+    return total / n
 
 
 def fit_one(task: Task, seed: int, epochs: int, smoke: bool, activation: str | None = None,
@@ -191,6 +297,8 @@ def fit_one(task: Task, seed: int, epochs: int, smoke: bool, activation: str | N
     if variant is not None:
         commit = SelectionCommit(**COMMIT)
         callbacks.append(commit)
+        if variant.select_after:
+            callbacks.append(_FreezeLogits(variant.select_after))
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)
@@ -278,7 +386,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _fmt(task: Task, value: float, signed: bool = False) -> str:
-    digits = 1 if task.kind == "teacher" else 4
+    digits = 4 if task.kind == "synthetic" else 1
     return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
 
 
@@ -415,9 +523,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seeds", type=int, default=3, help="seeds per run")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of every run (default: 15 synthetic, 20 teacher)")
-    parser.add_argument("--tasks", nargs="+", default=["synthetic", "teacher"],
+    parser.add_argument("--tasks", nargs="+", default=["synthetic", "teacher", "image", "text"],
                         choices=[*GROUPS, *TASKS], help="task names or groups")
     parser.add_argument("--no-write", action="store_true", help="do not update RESULTS.md")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="TEXT",
+                        help="run only the FlexAct variants whose name contains one of these")
     parser.add_argument("--smoke", action="store_true",
                         help="1 seed, 1 epoch, tiny data, two tasks: a seconds-long check")
     parser.add_argument("--threads", type=int, default=1,
@@ -441,13 +551,18 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
     names = list(dict.fromkeys(t for g in args.tasks for t in GROUPS.get(g, [g])))
     seeds, epochs = args.seeds, args.epochs
     if args.smoke:
-        names, seeds, epochs = ["synthetic-tanh", "teacher-d8-relu"], 1, 1
+        names, seeds, epochs = ["synthetic-tanh", "teacher-d8-relu", "digits-lenet5",
+                                "text-cnn"], 1, 1
+        for name in names:
+            TASKS[name].variants = [v for v in TASKS[name].variants if v.name in SMOKE_VARIANTS]
     start = time.perf_counter()
     if not args.smoke:  # the first fit of a process pays one-off costs: keep them out
         fit_one(TASKS["synthetic-relu"], 0, 1, True, variant=HEAD_VARIANTS[0])
     runs: list[dict[str, Any]] = []
     for name in names:
         task = TASKS[name]
+        if args.variants:
+            task.variants = [v for v in task.variants if any(t in v.name for t in args.variants)]
         t0 = time.perf_counter()
         for seed in range(seeds):
             for activation, variant in interleaved(task, seed):
@@ -473,7 +588,8 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "sweep", "One FlexAct run vs a sweep of the five fixed activations", seconds,
             f"{seeds} seeds; every run (FlexAct or sweep member) of a task has the same "
             f"length ({epochs_text}); data: synthetic 2 048 training / 1 024 test samples, "
-            f"teacher 6 000 examples (4 200 train / 1 200 test); {args.threads} torch thread(s); "
+            "teacher 6 000 examples (4 200 train / 1 200 test), digits 1 500 / 297, reviews "
+            f"1 600 / 400; {args.threads} torch thread(s); "
             "SelectionCommit adaptive "
             "(threshold 0.9, patience 3, checks every 20 steps from 20 % of the run, pruning "
             "below 0.02, all committed at 70 %). " + NOTES + "\n\n" + text,

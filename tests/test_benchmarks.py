@@ -117,16 +117,18 @@ def test_sweep_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
             "| = best | within noise | FlexAct metric | Δ vs best | wall FlexAct / sweep | "
             "steps FlexAct / sweep | s/step ratio |") in out
     assert "| task | metric | relu | sigmoid | tanh | leaky_relu | identity | best |" in out
-    assert {(c["task"], c["flexact"]) for c in cells} >= {
-        ("synthetic-tanh", "head, α=0.3"), ("synthetic-tanh", "head, α=0"),
-        ("teacher-d8-relu", "everywhere, α=0.3 (mean KL)")}
+    assert {(c["task"], c["flexact"]) for c in cells} == {
+        (task, variant) for task in ("synthetic-tanh", "teacher-d8-relu", "digits-lenet5",
+                                     "text-cnn")
+        for variant in sweep.SMOKE_VARIANTS
+        if task != "synthetic-tanh" or variant.startswith("head")}
     for cell in cells:
         assert cell["picks"] and all(p in sweep.CANDIDATES for p in cell["picks"])
         assert cell["best"] in sweep.CANDIDATES
         assert cell["wall_ratio"] > 0 and cell["step_ratio"] == pytest.approx(0.2)
         assert 0 <= cell["within"] <= cell["seeds"] and 0 <= cell["decisive"] <= 1
     everywhere = [c for c in cells if c["flexact"].startswith("everywhere")]
-    assert everywhere and all(c["hidden"] for c in everywhere)  # 7 backbone sites swapped
+    assert everywhere and all(c["hidden"] for c in everywhere)  # backbone sites swapped
 
 
 def _script(*args: str) -> str:

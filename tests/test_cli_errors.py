@@ -289,7 +289,10 @@ def test_safe_changes_on_resume_warn_and_apply(trained: Path, tmp_path: Path,
     assert "model.init_args.flexact.kl_lambda 0.3 → 0.5" in warning
     assert "model.init_args.optimizer.init_args.lr 0.05 → 0.01" in warning
     assert cli.model.model.head.flexact.kl_lambda == 0.5
-    assert {g["lr"] for g in cli.trainer.optimizers[0].param_groups} == {0.01}  # not restored
+    # Not restored; the selection logits' group keeps its selection_lr_scale × the new lr.
+    groups = cli.trainer.optimizers[0].param_groups
+    lrs = {g.get("selection_lr_scale", 1.0): g["lr"] for g in groups}
+    assert lrs == {1.0: 0.01, 10.0: pytest.approx(0.1)}
     assert cli.trainer.global_step == 3  # resumed at step 2
     from flexact.cli.resume import SAFE_TO_CHANGE  # the documented list
 

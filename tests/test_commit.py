@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +121,57 @@ def test_a_committed_model_is_the_frozen_model(tmp_path: Path) -> None:
 def test_bad_adaptive_arguments_are_clear_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SelectionCommit(**kwargs)
+
+
+class RecordCommits(L.Callback):
+    """Test-only: each rank writes its commit steps, picks and final logits to ``<path>/<rank>``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        commit = next(c for c in trainer.callbacks if isinstance(c, SelectionCommit))
+        layers = dict(pl_module.model.named_modules())
+        record = {"steps": commit.committed_steps, "step": trainer.global_step,
+                  "picks": {n: layers[n].selected() for n in commit.committed_steps},
+                  "logits": {n: layers[n].logits.tolist() for n in commit.committed_steps}}
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / f"{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_two_gloo_ranks_commit_at_the_same_steps(tmp_path: Path) -> None:
+    """Adaptive commits under DDP: both ranks decide from identical logits, at identical steps."""
+    from .conftest import REPO
+    from .test_distributed import run_bounded
+
+    config = tmp_path / "ddp_commit.yaml"
+    config.write_text(f"""
+extends: {REPO / "configs" / "synthetic.yaml"}
+trainer:
+  callbacks:
+    - class_path: SelectionCommit
+      init_args: {{mode: adaptive, at: 0.9, threshold: 0.9, patience: 2, min_fraction: 0.1,
+                   check_every_n_steps: 4, prune_below: 0.02}}
+    - class_path: tests.test_commit.RecordCommits
+      init_args: {{path: {tmp_path / "commits"}}}
+model:
+  init_args:
+    backbone: {{class_path: flexact.backbones.MLP, init_args: {{in_features: 4, hidden: [6]}}}}
+    hidden_features: 3
+    swap_backbone: true
+    backbone_flexact: {{}}
+    flexact: {{prior: {SETTLED["prior"]}}}
+""")
+    out = run_bounded([sys.executable, "-m", "flexact", "fit", "--config", str(config),
+                       "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                       "--trainer.strategy", "ddp", "--trainer.max_epochs", "4",
+                       "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+                       "--data.n_train", "160", "--data.n_val", "32", "--data.batch_size", "8"],
+                      timeout=180)
+    assert out.returncode == 0, out.stdout[-4000:]
+    ranks = [json.loads((tmp_path / "commits" / f"{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    steps, total = ranks[0]["steps"], ranks[0]["step"]  # 160 / 2 ranks / 8 = 10 steps an epoch
+    assert total == 40 and set(steps) == {"backbone.layers.2", "head.flexact"}
+    assert steps["head.flexact"] < 0.9 * total  # settled early: an adaptive commit
+    assert ranks[0]["picks"]["head.flexact"] == ["relu"]

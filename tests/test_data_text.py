@@ -395,3 +395,22 @@ def test_cli_help_shows_the_text_docstrings(capsys: pytest.CaptureFixture[str]) 
         main(["fit", "--data.help", "TextDataModule"])
     out = capsys.readouterr().out
     assert "Which fold is the test set" in out and "word2vec/GloVe" in out
+
+
+def test_cue_purity_mixes_in_sentiment_words_of_the_other_polarity(tmp_path: Path) -> None:
+    from flexact.tools.fake_data import _NEGATIVE, _POSITIVE
+
+    def cues(texts: list[str]) -> tuple[int, int]:
+        words = [w.lower() for t in texts for w in t.split()]
+        return sum(w in _POSITIVE for w in words), sum(w in _NEGATIVE for w in words)
+
+    pure, mixed = polarity_texts("pos", 200), polarity_texts("pos", 200, cue_purity=0.7)
+    positive, negative = cues(pure)  # up to three sentiment words each (places may coincide)
+    assert negative == 0 and positive > 500
+    positive, negative = cues(mixed)
+    assert positive + negative > 500 and 0.6 < positive / (positive + negative) < 0.8
+    folder = write_review_polarity(tmp_path, n_per_class=4, length=30, cue_purity=0.7)
+    text = (folder / "neg" / "cv000_1000.txt").read_text()
+    assert len(text.split()) == 31  # 30 words and the final "."
+    with pytest.raises(ValueError, match="cue_purity"):
+        polarity_texts("pos", 1, cue_purity=0.2)

@@ -149,6 +149,30 @@ def test_selection_parameters_get_no_weight_decay() -> None:
     assert all(g["weight_decay"] == 0.5 for g in groups)
 
 
+def test_selection_logits_get_their_own_learning_rate() -> None:
+    def lrs(model: FlexActRegressor, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+        names = {id(p): n for n, p in model.named_parameters()}
+        return {names[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)  # noqa: E731
+    model = FlexActRegressor(in_features=4, optimizer=sgd,
+                             lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, 1, 0.5))
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert lrs(model, optimizer) == {"model.head.linear.weight": 0.1,
+                                     "model.head.linear.bias": 0.1,
+                                     "model.head.flexact.logits": pytest.approx(1.0)}  # 10×
+    optimizer.step()
+    scheduler.step()  # the scheduler's base is the scaled rate: the ratio stays 10
+    assert lrs(model, optimizer)["model.head.flexact.logits"] == pytest.approx(0.5)
+    assert lrs(model, optimizer)["model.head.linear.weight"] == pytest.approx(0.05)
+    paper = FlexActRegressor(in_features=4, optimizer=sgd, selection_lr_scale=1.0)
+    assert set(lrs(paper, paper.configure_optimizers()).values()) == {0.1}
+    with pytest.raises(ValueError, match="selection_lr_scale"):
+        from flexact.nn.params import scale_selection_lr
+        scale_selection_lr(optimizer, 0.0)
+
+
 def test_scheduler_is_injected() -> None:
     model = FlexActRegressor(
         in_features=4, lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2)

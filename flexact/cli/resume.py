@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from flexact.cli.faults import exception_chain
 from flexact.errors import ConfigError
+from flexact.nn.params import LR_SCALE_KEY
 
 __all__ = [
     "SAFE_TO_CHANGE",
@@ -43,7 +44,7 @@ SAFE_TO_CHANGE = (
 """Model settings (``model.init_args.…``) that may differ from the checkpoint's on resume: the
 run goes on with the configured value, with a warning. Any other difference is an error."""
 
-_TRAINING_ONLY = ("optimizer.", "lr_scheduler.", "selection_weight_decay")
+_TRAINING_ONLY = ("optimizer.", "lr_scheduler.", "selection_weight_decay", "selection_lr_scale")
 _MISSING = object()
 
 
@@ -181,13 +182,19 @@ class OptimizerOverrides(Callback):
         for key, (old, new) in self.values.items():
             names = (key, "initial_lr") if key == "lr" else (key,)
             for group in (g for opt in trainer.optimizers for g in opt.param_groups):
+                # The selection logits' group runs at selection_lr_scale × the lr.
+                scale = group.get(LR_SCALE_KEY, 1.0) if key == "lr" else 1.0
+                was, now = (old * scale, new * scale) if scale != 1.0 else (old, new)
                 for name in names:
-                    if name in group and same(group[name]) == same(old):
-                        group[name] = tuple(new) if isinstance(group[name], tuple) else new
+                    if name in group and same(group[name]) == same(was):
+                        group[name] = tuple(now) if isinstance(group[name], tuple) else now
             for config in trainer.lr_scheduler_configs if key == "lr" else ():
                 base = getattr(config.scheduler, "base_lrs", None)
                 if base is not None:
-                    config.scheduler.base_lrs = [new if b == old else b for b in base]
+                    groups = config.scheduler.optimizer.param_groups
+                    scales = [g.get(LR_SCALE_KEY, 1.0) for g in groups]
+                    config.scheduler.base_lrs = [new * k if b == old * k else b
+                                                 for b, k in zip(base, scales, strict=False)]
 
 
 def check_resumed_model(cli: Any, subcommand: str, ckpt_path: str,

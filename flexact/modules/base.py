@@ -9,7 +9,7 @@ from typing import IO, Any, Literal
 
 import lightning as L
 import torch
-from jsonargparse.typing import NonNegativeFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, PositiveFloat, PositiveInt
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
@@ -18,7 +18,7 @@ from flexact.errors import ConfigError
 from flexact.modules.hparams import migrate_state_dict, migrated_file, unsaved_argument_names
 from flexact.modules.sizing import materialize_from_data
 from flexact.nn import FlexActNetwork, FlexActSpec, flexact_layers, selection_kl
-from flexact.nn.params import parameter_groups, unused_selection_parameters
+from flexact.nn.params import parameter_groups, scale_selection_lr, unused_selection_parameters
 
 __all__ = ["FlexActModule"]
 
@@ -47,11 +47,17 @@ class FlexActModule(L.LightningModule):
         flexact: The FlexAct settings (candidates, tau, kl_lambda, hard, granularity,
             eval_mode, prior, mode, compact_memory, candidate_kwargs) of the head, and of the
             backbone's swapped sites unless ``backbone_flexact`` is given.
-        alpha: Weight α of the selection KL in the loss; 0 disables the bias correction.
+        alpha: Weight α of the selection KL in the loss (the paper's bias correction: 0.3);
+            0, the default, disables it: measured against a sweep of fixed-activation runs it
+            pulls heads and hidden layers toward Sigmoid (benchmarks/RESULTS.md, the sweep).
         optimizer: Optimizer factory called with the parameter groups.
         lr_scheduler: Optional learning-rate scheduler factory called with the optimizer.
         selection_weight_decay: Apply the optimizer's weight decay to selection logits and
             activation shape parameters too (off by default: decay would pull picks to uniform).
+        selection_lr_scale: The selection logits' learning rate as a multiple of the
+            optimizer's (1: the paper's shared rate). The logits' Gumbel-Softmax gradient is
+            small and noisy: at the weights' rate they barely move in a short run and picks end
+            near uniform; 10 makes them decisive (docs/method.md, "Selection learning rate").
         example_input_shape: Shape of one input sample (without batch) for inferring
             ``in_features`` by a dry run of the backbone (and for per-channel swaps).
         swap_backbone: Also replace every activation module of the backbone by a FlexAct layer
@@ -90,10 +96,11 @@ class FlexActModule(L.LightningModule):
         num_outputs: PositiveInt | None = None,
         hidden_features: PositiveInt | Literal["auto"] | None = "auto",
         flexact: FlexActSpec = FlexActSpec(),  # noqa: B008 - frozen, so sharing it is safe
-        alpha: NonNegativeFloat = 0.3,
+        alpha: NonNegativeFloat = 0.0,
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         selection_weight_decay: bool = False,
+        selection_lr_scale: PositiveFloat = 10.0,
         example_input_shape: Sequence[PositiveInt] | None = None,
         swap_backbone: bool = False,
         backbone_flexact: FlexActSpec | None = None,
@@ -289,6 +296,8 @@ class FlexActModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """Build the injected optimizer (and scheduler, stepped per epoch)."""
         optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.hparams.get("selection_lr_scale", 1.0) != 1.0:  # before the scheduler's base
+            scale_selection_lr(optimizer, self.hparams.selection_lr_scale)
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -16,27 +16,60 @@ from torch import nn
 from flexact.nn.layer import FlexAct, flexact_layers
 from flexact.nn.registry import is_activation_module
 
-__all__ = ["parameter_groups", "unused_selection_parameters"]
+__all__ = ["LR_SCALE_KEY", "parameter_groups", "scale_selection_lr",
+           "unused_selection_parameters"]
+
+LR_SCALE_KEY = "selection_lr_scale"
+"""Key of the selection-logit parameter group: its learning rate over the optimizer's."""
 
 
 def parameter_groups(model: nn.Module, decay_selection: bool = False) -> list[dict[str, Any]]:
     """Optimizer parameter groups in which selection parameters get ``weight_decay=0``.
 
+    The selection logits get a group of their own, marked with :data:`LR_SCALE_KEY` (1.0),
+    so that :func:`scale_selection_lr` can give them their own learning rate.
+
     Args:
         model: Any model with FlexAct layers or registered activations.
-        decay_selection: One group for everything (the optimizer's decay applies to all).
+        decay_selection: The optimizer's decay applies to selection parameters too.
     """
     regular: list[nn.Parameter] = []
-    selection: list[nn.Parameter] = []
+    shape: list[nn.Parameter] = []  # activation shape parameters: PReLU slopes, Swish β …
+    logits: list[nn.Parameter] = []
     for module in model.modules():
         exempt = isinstance(module, FlexAct) or is_activation_module(module)
-        for param in module.parameters(recurse=False):
-            if param.requires_grad:
-                (selection if exempt else regular).append(param)
-    if decay_selection:
-        return [{"params": regular + selection}]
-    groups = [{"params": regular}, {"params": selection, "weight_decay": 0.0}]
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if isinstance(module, FlexAct) and name == "logits":
+                logits.append(param)
+            else:
+                (shape if exempt else regular).append(param)
+    no_decay: dict[str, Any] = {} if decay_selection else {"weight_decay": 0.0}
+    groups = [{"params": regular + (shape if decay_selection else [])},
+              {"params": [] if decay_selection else shape, **no_decay},
+              {"params": logits, LR_SCALE_KEY: 1.0, **no_decay}]
     return [g for g in groups if g["params"]]
+
+
+def scale_selection_lr(optimizer: Any, scale: float) -> None:
+    """Give the selection logits ``scale`` × the learning rate of the optimizer's groups.
+
+    Call it on an optimizer built from :func:`parameter_groups`, before any scheduler (which
+    takes each group's learning rate as its base). The logits' gradient is a small, noisy
+    Gumbel-Softmax estimate: at the weights' learning rate they barely move in a short run
+    (docs/method.md, "Selection learning rate").
+
+    Args:
+        optimizer: A ``torch.optim.Optimizer`` (or anything with ``param_groups``).
+        scale: The selection logits' learning rate over the optimizer's (> 0).
+    """
+    if scale <= 0:
+        raise ValueError(f"selection_lr_scale must be > 0, got {scale!r}")
+    for group in optimizer.param_groups:
+        if LR_SCALE_KEY in group and isinstance(group.get("lr"), (int, float)):
+            group["lr"] = group["lr"] / group[LR_SCALE_KEY] * scale
+            group[LR_SCALE_KEY] = scale
 
 
 def unused_selection_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -173,7 +173,8 @@ _NEUTRAL = ("the", "film", "movie", "plot", "actor", "story", "scene", "director
             "is", "a", "of", "this", "with", "was", "characters", "script", "camera", "ending")
 
 
-def polarity_texts(label: str, n: int, seed: int = 0, length: int = 12) -> list[str]:
+def polarity_texts(label: str, n: int, seed: int = 0, length: int = 12,
+                   cue_purity: float = 1.0) -> list[str]:
     """Short review-like texts whose polarity shows in their sentiment words.
 
     Args:
@@ -181,23 +182,29 @@ def polarity_texts(label: str, n: int, seed: int = 0, length: int = 12) -> list[
         n: Number of texts.
         seed: Seed.
         length: Words per text.
+        cue_purity: Probability that a sentiment word is of the text's polarity (1: every one;
+            below 1 the label shows only in which polarity is in the majority, a harder task).
 
     Returns:
         The texts.
     """
+    if not 0.5 <= cue_purity <= 1:
+        raise ValueError(f"cue_purity must lie in [0.5, 1], got {cue_purity!r}")
     rng = random.Random(f"{seed}-{label}")
-    cues = _POSITIVE if label == "pos" else _NEGATIVE
+    own, other = (_POSITIVE, _NEGATIVE) if label == "pos" else (_NEGATIVE, _POSITIVE)
     texts = []
     for _ in range(n):
         words = [rng.choice(_NEUTRAL) for _ in range(length)]
         for k in range(3):
+            cues = own if cue_purity == 1 or rng.random() < cue_purity else other
             words[rng.randrange(length)] = rng.choice(cues) if k else rng.choice(cues).upper()
         texts.append(" ".join(words) + " .")
     return texts
 
 
 def write_review_polarity(root: str | Path, n_per_class: int = 10, seed: int = 0,
-                          bad_bytes: bool = False) -> Path:
+                          bad_bytes: bool = False, length: int = 12,
+                          cue_purity: float = 1.0) -> Path:
     """Write a tiny review polarity v2.0: ``<root>/txt_sentoken/{neg,pos}/cv*.txt``.
 
     Args:
@@ -205,6 +212,8 @@ def write_review_polarity(root: str | Path, n_per_class: int = 10, seed: int = 0
         n_per_class: Reviews per label.
         seed: Seed.
         bad_bytes: Put one byte that is not UTF-8 (0xE9, a latin-1 "é") in the first review.
+        length: Words per review (:func:`polarity_texts`).
+        cue_purity: Share of sentiment words of the review's polarity (:func:`polarity_texts`).
 
     Returns:
         The ``txt_sentoken`` folder.
@@ -212,7 +221,7 @@ def write_review_polarity(root: str | Path, n_per_class: int = 10, seed: int = 0
     folder = Path(root) / "txt_sentoken"
     for label in ("neg", "pos"):
         (folder / label).mkdir(parents=True, exist_ok=True)
-        for i, text in enumerate(polarity_texts(label, n_per_class, seed)):
+        for i, text in enumerate(polarity_texts(label, n_per_class, seed, length, cue_purity)):
             data = text.encode()
             if bad_bytes and i == 0 and label == "neg":
                 data = b"caf\xe9 " + data
