@@ -106,6 +106,7 @@ class Variant:
     selection_lr_scale: float = 10.0  # the logits' learning rate over the weights'
     hard: bool = False  # straight-through one-hot samples (GDAS-style)
     select_after: float = 0.0  # logits frozen (uniform mixture) for this fraction of the run
+    shared: bool = False  # one selection for every layer (share_selection)
 
 
 class _FreezeLogits(L.Callback):
@@ -147,6 +148,11 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, α=0, hard, selection lr ×10", 0.0, everywhere=True, hard=True),
     Variant("everywhere, α=0, selection lr ×30 after 30 %", 0.0, everywhere=True,
             selection_lr_scale=30.0, select_after=0.3),
+    Variant("everywhere, shared, α=0, selection lr ×1", 0.0, everywhere=True, shared=True,
+            selection_lr_scale=1.0),
+    Variant("everywhere, shared, α=0, selection lr ×10", 0.0, everywhere=True, shared=True),
+    Variant("everywhere, shared, α=0.3 (mean KL), selection lr ×10", 0.3, everywhere=True,
+            shared=True),
 ]
 SMOKE_VARIANTS = {HEAD_VARIANTS[0].name, HEAD_VARIANTS[4].name, EVERYWHERE_VARIANTS[0].name,
                   EVERYWHERE_VARIANTS[4].name}  # the paper's and flexact's defaults
@@ -188,6 +194,7 @@ class Task:
             return _fix(module, activation)
         everywhere = variant is not None and variant.everywhere
         common.update(swap_backbone=everywhere,
+                      share_selection=variant is not None and variant.shared,
                       kl_reduction="mean" if variant is None else variant.kl_reduction,
                       regularize_backbone=variant is None or variant.regularize_backbone)
         act = activation or "relu"  # head-only FlexAct: the backbone keeps its ReLU

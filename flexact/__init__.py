@@ -16,7 +16,7 @@ __version__ = "0.2.0"
 _CORE = (
     "PAPER_CANDIDATES", "Candidate", "FlexAct", "FlexActHead", "FlexActNetwork", "FlexActSpec",
     "available_activations", "flexact_layers", "freeze_selection", "get_activation", "mixture",
-    "register_activation", "selection_kl", "swap_activations",
+    "register_activation", "selection_kl", "share_selection", "swap_activations",
 )
 
 __all__ = ["ConfigError", "__version__", *_CORE]

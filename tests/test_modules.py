@@ -49,7 +49,8 @@ class Features(nn.Module):
 def test_regressor_learns_synthetic_relu(tmp_path: Path) -> None:
     L.seed_everything(0)
     dm = SyntheticDataModule(truth="relu", n_train=1024, n_val=256, batch_size=64)
-    model = FlexActRegressor(in_features=4, optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
+    model = FlexActRegressor(in_features=4, alpha=0.3,
+                             optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
     trainer = _trainer(tmp_path, max_epochs=4)
     trainer.fit(model, dm)
     dm.setup("test")
@@ -293,15 +294,18 @@ def test_compile_and_channels_last_options_match_eager(tmp_path: Path) -> None:
 def test_regularize_backbone_false_keeps_the_kl_on_the_head() -> None:
     backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
     model = FlexActRegressor(backbone=backbone, in_features=8, hidden_features=4,
-                             swap_backbone=True, regularize_backbone=False)
+                             swap_backbone=True, regularize_backbone=False, alpha=0.3)
     layers = dict(flexact_layers(model.model))
     assert set(layers) == {"backbone.1", "backbone.3", "head.flexact"}
     model.train()
     model(torch.randn(16, 4))
     assert layers["backbone.1"]._targets is None and layers["head.flexact"]._targets is not None
     everywhere = FlexActRegressor(backbone=nn.Sequential(nn.Linear(4, 8), nn.ReLU()),
-                                  in_features=8, swap_backbone=True)
+                                  in_features=8, swap_backbone=True, alpha=0.3)
     assert all(layer.regularize for _, layer in flexact_layers(everywhere))
+    off = FlexActRegressor(backbone=nn.Sequential(nn.Linear(4, 8), nn.ReLU()), in_features=8,
+                           swap_backbone=True)  # α = 0, the default: no targets computed at all
+    assert not any(layer.regularize for _, layer in flexact_layers(off))
 
 
 class _HostSyncSpy(L.Callback):

@@ -102,6 +102,7 @@ def _fit(root: Path, commit: SelectionCommit, ckpt_path: Path | None = None,
          extra: list[L.Callback] | None = None) -> FlexActRegressor:
     L.seed_everything(0)
     model = FlexActRegressor(in_features=4, flexact={"prior": [0.4, 0.02, 0.03, 0.35, 0.2]},
+                             alpha=0.3, selection_lr_scale=1.0,
                              optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
     trainer = L.Trainer(max_epochs=4, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False,

@@ -265,3 +265,59 @@ def test_export_onnx(tmp_path: Path) -> None:
     ops = {node.op_type for node in graph.graph.node}
     assert "Gemm" in ops or "MatMul" in ops
     assert [i.name for i in graph.graph.input] == ["input"]
+
+
+def test_share_selection_ties_every_layer_to_one_set_of_logits() -> None:
+    from flexact import share_selection
+    from flexact.nn.params import parameter_groups
+
+    torch.manual_seed(0)
+    cands = ["relu", "sigmoid", "tanh"]
+    mlp = nn.Sequential(nn.Linear(3, 5), FlexAct(candidates=cands), nn.Linear(5, 5),
+                        FlexAct(candidates=cands), nn.Linear(5, 1), FlexAct(candidates=cands))
+    assert share_selection(mlp) == 3
+    logits = [layer.logits for _, layer in flexact_layers(mlp)]
+    assert all(p is logits[0] for p in logits)
+    groups = parameter_groups(mlp)
+    assert sum(len(g["params"]) for g in groups) == len(list(mlp.parameters())) == 7
+    mlp(torch.randn(8, 3)).sum().backward()
+    assert logits[0].grad is not None and logits[0].grad.abs().sum() > 0  # from all three
+    with torch.no_grad():
+        logits[0].copy_(torch.tensor([0.0, 0.0, 3.0]))
+    frozen = freeze_selection(mlp)
+    assert [type(m) for m in frozen if not isinstance(m, nn.Linear)] == [nn.Tanh] * 3
+    mixed = nn.Sequential(FlexAct(candidates=cands), FlexAct(candidates=["relu", "tanh"]))
+    with pytest.raises(ConfigError, match="same candidates"):
+        share_selection(mixed)
+    per_channel = nn.Sequential(FlexAct(candidates=cands),
+                                FlexAct(candidates=cands, granularity="channel", num_channels=4))
+    with pytest.raises(ConfigError, match="per channel"):
+        share_selection(per_channel)
+    assert share_selection(nn.Linear(2, 2)) == 0
+
+
+def test_share_selection_through_the_module_trains_and_reloads_tied() -> None:
+    def build() -> FlexActRegressor:
+        backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+        return FlexActRegressor(backbone=backbone, in_features=8, hidden_features=4,
+                                swap_backbone=True, share_selection=True)
+
+    torch.manual_seed(0)
+    model = build()
+    layers = [layer for _, layer in flexact_layers(model.model)]
+    assert len(layers) == 3 and all(layer.logits is layers[0].logits for layer in layers)
+    optimizer = model.configure_optimizers()
+    entries = [p for g in optimizer.param_groups for p in g["params"]]
+    assert len(entries) == len({id(p) for p in entries}) == len(list(model.parameters()))
+    before = layers[0].logits.detach().clone()
+    model.train()
+    loss = model(torch.randn(16, 4)).pow(2).mean()
+    loss.backward()
+    optimizer.step()
+    assert not torch.equal(layers[0].logits.detach(), before)
+    assert all(torch.equal(layer.logits, layers[0].logits) for layer in layers)
+    reloaded = build()
+    reloaded.load_state_dict(model.state_dict())
+    tied = [layer.logits for _, layer in flexact_layers(reloaded.model)]
+    torch.testing.assert_close(tied[0], layers[0].logits)
+    assert all(p is tied[0] for p in tied)

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from flexact.errors import ConfigError
 from flexact.nn import flexact_layers
+from flexact.nn.params import LR_SCALE_KEY
 
 __all__ = ["FiniteGuard", "NonFiniteLossError"]
 
@@ -205,8 +206,9 @@ class FiniteGuard(Callback):
             causes.append(f"τ too small (τ = {min(taus):.3g}; Gumbel-Softmax scores and "
                           "gradients grow like 1/τ): raise the model's tau or "
                           "TemperatureAnnealing's end")
-        lrs = [group["lr"] for opt in trainer.optimizers for group in opt.param_groups
-               if isinstance(group.get("lr"), (int, float))]
+        # The optimizer's rate: the selection logits' group runs at selection_lr_scale × it.
+        lrs = [group["lr"] / group.get(LR_SCALE_KEY, 1.0) for opt in trainer.optimizers
+               for group in opt.param_groups if isinstance(group.get("lr"), (int, float))]
         if lrs:
             causes.append(f"learning rate too high (lr = {max(lrs):.3g}): lower the optimizer's "
                           "lr or clip gradients (trainer.gradient_clip_val)")

@@ -19,6 +19,7 @@ from flexact.modules.hparams import migrate_state_dict, migrated_file, unsaved_a
 from flexact.modules.sizing import materialize_from_data
 from flexact.nn import FlexActNetwork, FlexActSpec, flexact_layers, selection_kl
 from flexact.nn.params import parameter_groups, scale_selection_lr, unused_selection_parameters
+from flexact.nn.surgery import share_selection as tie_selections
 
 __all__ = ["FlexActModule"]
 
@@ -39,46 +40,36 @@ class FlexActModule(L.LightningModule):
             data module under the CLI). A backbone tells its own size (``out_features`` …, a
             stripped torchvision classifier, a dry run on ``example_input_shape``), or the
             head's first layer is sized from one batch of the data module at setup.
-        num_outputs: Number of outputs (classes for classification, targets for regression);
-            taken from the data module under the CLI; regression defaults to 1.
+        num_outputs: Classes or regression targets (from the data module under the CLI).
         hidden_features: Width of the FlexAct layer between two affine maps (FlexAct at the
             penultimate layer, as the paper); ``None`` for a single affine map followed by
             FlexAct; ``auto``: the task's default (:attr:`default_hidden_features`).
         flexact: The FlexAct settings (candidates, tau, kl_lambda, hard, granularity,
             eval_mode, prior, mode, compact_memory, candidate_kwargs) of the head, and of the
             backbone's swapped sites unless ``backbone_flexact`` is given.
-        alpha: Weight α of the selection KL in the loss (the paper's bias correction: 0.3);
-            0, the default, disables it: measured against a sweep of fixed-activation runs it
-            pulls heads and hidden layers toward Sigmoid (benchmarks/RESULTS.md, the sweep).
+        alpha: Weight α of the selection KL (the paper: 0.3; 0, the default, is off: measured
+            against a sweep, it pulls picks toward Sigmoid; docs/method.md §5).
         optimizer: Optimizer factory called with the parameter groups.
-        lr_scheduler: Optional learning-rate scheduler factory called with the optimizer.
-        selection_weight_decay: Apply the optimizer's weight decay to selection logits and
-            activation shape parameters too (off by default: decay would pull picks to uniform).
-        selection_lr_scale: The selection logits' learning rate as a multiple of the
-            optimizer's (1: the paper's shared rate). The logits' Gumbel-Softmax gradient is
-            small and noisy: at the weights' rate they barely move in a short run and picks end
-            near uniform; 10 makes them decisive (docs/method.md, "Selection learning rate").
-        example_input_shape: Shape of one input sample (without batch) for inferring
-            ``in_features`` by a dry run of the backbone (and for per-channel swaps).
+        lr_scheduler: Optional scheduler factory called with the optimizer.
+        selection_weight_decay: Decay selection logits and activation shapes too (off: decay
+            pulls picks to uniform).
+        selection_lr_scale: The selection logits' learning rate over the optimizer's (the
+            paper: 1, where picks end near uniform; docs/method.md, "Selection learning rate").
+        example_input_shape: One input sample's shape, for a dry run of the backbone.
         swap_backbone: Also replace every activation module of the backbone by a FlexAct layer
-            (FlexAct at every layer, beyond the paper's head); the regularizer and callbacks
-            cover them all.
-        backbone_flexact: FlexAct settings of the swapped backbone sites, if they differ from
-            ``flexact``.
-        sync_statistics: Under DDP, average the regularizer's gradient norms ḡ over all ranks
-            before p̃ = softmax(-ḡ/λ), so N devices with batch B train as one device with batch
-            N·B (one small all-reduce per FlexAct layer and step). Off: each rank's p̃ comes
-            from its own batch (the semantics of gradient accumulation).
-        kl_reduction: Combine the layers' KL terms by ``sum`` (the paper) or ``mean`` (keeps α's
-            pull independent of depth; recommended with ``swap_backbone``).
-        compile: Run the forward pass through ``torch.compile`` (FlexAct's training forward has no
-            graph breaks); the state dict is unchanged.
-        compile_backend: The ``torch.compile`` backend (``inductor``; ``aot_eager`` to debug).
-        channels_last: Keep the backbone's weights and 4-D inputs in channels-last memory
-            format (faster convolutions on GPUs with tensor cores).
-        regularize_backbone: Apply the bias-correcting KL to FlexAct layers inside the backbone
-            too; false restricts it to the head, as in the paper (in hidden layers it pulls every
-            layer toward Sigmoid: see the teacher benchmark in benchmarks/RESULTS.md).
+            (FlexAct at every layer, beyond the paper's head).
+        backbone_flexact: FlexAct settings of the swapped sites, if not ``flexact``'s.
+        sync_statistics: Under DDP, average the gradient norms ḡ over all ranks before
+            p̃ = softmax(-ḡ/λ): N devices with batch B train as one with batch N·B. Off: each
+            rank's p̃ comes from its own batch (as with gradient accumulation).
+        kl_reduction: Combine the layers' KL terms by ``sum`` (the paper) or ``mean`` (α's pull
+            independent of depth).
+        compile: Run the forward through ``torch.compile`` (backend: ``compile_backend``).
+        channels_last: Backbone weights and 4-D inputs in channels-last memory format.
+        regularize_backbone: Apply the KL to FlexAct layers inside the backbone too; false
+            keeps it on the head, as in the paper (in hidden layers it pulls toward Sigmoid).
+        share_selection: All FlexAct layers (head and swapped sites) share one set of logits:
+            one activation for the whole network, the question a sweep answers.
 
     The ``flexact`` command adds FiniteGuard and RNGState callbacks; a plain Trainer needs them.
     """
@@ -110,6 +101,7 @@ class FlexActModule(L.LightningModule):
         compile_backend: str = "inductor",
         channels_last: bool = False,
         regularize_backbone: bool = True,
+        share_selection: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=unsaved_argument_names(inspect.currentframe()))
@@ -139,6 +131,8 @@ class FlexActModule(L.LightningModule):
             self.model = FlexActNetwork(backbone, head)
         if channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if share_selection:
+            tie_selections(self.model)
         self.configure_losses()
         self.configure_metrics()
         for name, layer in flexact_layers(self.model):
@@ -296,8 +290,7 @@ class FlexActModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """Build the injected optimizer (and scheduler, stepped per epoch)."""
         optimizer = self.optimizer_factory(self.parameter_groups())
-        if self.hparams.get("selection_lr_scale", 1.0) != 1.0:  # before the scheduler's base
-            scale_selection_lr(optimizer, self.hparams.selection_lr_scale)
+        scale_selection_lr(optimizer, self.hparams.get("selection_lr_scale", 1.0))  # pre-scheduler
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

@@ -28,7 +28,7 @@ from flexact.nn.registry import (
 )
 from flexact.nn.regularizer import selection_kl
 from flexact.nn.spec import FlexActSpec
-from flexact.nn.surgery import freeze_selection, swap_activations
+from flexact.nn.surgery import freeze_selection, share_selection, swap_activations
 
 __all__ = [
     "PAPER_CANDIDATES",
@@ -44,5 +44,6 @@ __all__ = [
     "mixture",
     "register_activation",
     "selection_kl",
+    "share_selection",
     "swap_activations",
 ]

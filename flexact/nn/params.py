@@ -36,11 +36,13 @@ def parameter_groups(model: nn.Module, decay_selection: bool = False) -> list[di
     regular: list[nn.Parameter] = []
     shape: list[nn.Parameter] = []  # activation shape parameters: PReLU slopes, Swish β …
     logits: list[nn.Parameter] = []
+    seen: set[int] = set()  # a Parameter shared by several modules (share_selection) once
     for module in model.modules():
         exempt = isinstance(module, FlexAct) or is_activation_module(module)
         for name, param in module.named_parameters(recurse=False):
-            if not param.requires_grad:
+            if not param.requires_grad or id(param) in seen:
                 continue
+            seen.add(id(param))
             if isinstance(module, FlexAct) and name == "logits":
                 logits.append(param)
             else:
@@ -88,4 +90,4 @@ def unused_selection_parameters(model: nn.Module) -> list[nn.Parameter]:
             for j, candidate in enumerate(layer.candidates):
                 if j != pick:
                     unused.extend(candidate.parameters())
-    return [p for p in unused if p.requires_grad]
+    return list({id(p): p for p in unused if p.requires_grad}.values())

@@ -25,7 +25,8 @@ from flexact.nn.mixture import apply_per_channel
 from flexact.nn.registry import plain_module
 from flexact.nn.spec import FlexActSpec
 
-__all__ = ["DEFAULT_SWAP_TYPES", "Swap", "freeze_selection", "swap_activations"]
+__all__ = ["DEFAULT_SWAP_TYPES", "Swap", "freeze_selection", "share_selection",
+           "swap_activations"]
 
 DEFAULT_SWAP_TYPES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -145,6 +146,41 @@ def swap_activations(
         setattr(parent, attr, layer)
         swaps.append(Swap(name, type(old).__name__, width))
     return swaps
+
+
+def share_selection(model: nn.Module) -> int:
+    """Make every FlexAct layer of ``model`` use one set of selection logits.
+
+    The network then chooses one activation for all its sites: the question a sweep of
+    fixed-activation runs answers, decided from the gradient of every layer at once. Each layer
+    keeps its own Gumbel noise, pruning mask and commit state; fed the same logits, they settle,
+    prune and commit alike. The first layer's logits (and so its ``prior``) are kept.
+
+    Args:
+        model: A model with FlexAct layers of one granularity ``layer`` and the same candidates.
+
+    Returns:
+        The number of layers that share the logits.
+
+    Raises:
+        ConfigError: If the layers' candidates differ, or a layer selects per channel.
+    """
+    layers = list(flexact_layers(model))
+    if not layers:
+        return 0
+    first_name, first = layers[0]
+    for name, layer in layers:
+        if layer.num_channels is not None:
+            raise ConfigError(f"share_selection needs one selection per layer, but FlexAct layer "
+                              f"{name!r} selects per channel: set granularity: layer")
+        if layer.candidate_names != first.candidate_names:
+            raise ConfigError(
+                f"share_selection needs the same candidates in every FlexAct layer: {name!r} has "
+                f"{list(layer.candidate_names)}, {first_name!r} has "
+                f"{list(first.candidate_names)}; give the backbone and head the same candidates")
+    for _, layer in layers[1:]:
+        layer.logits = first.logits  # one Parameter, registered in every layer
+    return len(layers)
 
 
 class PerChannelActivation(nn.Module):
