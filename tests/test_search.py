@@ -17,6 +17,7 @@ import pytest
 from optuna.trial import TrialState
 
 from flexact import FlexActSpec
+from flexact.cli.search import _drain_stale, open_storage
 from flexact.cli.search import main as search_main
 from flexact.nn.canonical import fingerprint
 from flexact.nn.expressions import ExpressionError
@@ -185,6 +186,33 @@ def test_optuna_dashboard_serves_the_study(tmp_path: Path) -> None:
     assert "flexact" in body.decode()
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::optuna.exceptions.ExperimentalWarning")
+def test_a_worker_leaving_fails_and_reruns_a_dead_workers_trial(tmp_path: Path) -> None:
+    # The race CI caught: the survivor ends its last trial before the victim's heartbeat goes
+    # stale, so Optuna never fails the victim's trial. The worker must wait it out and re-run it.
+    storage = open_storage(str(tmp_path / "s.sqlite3"), heartbeat=1)
+    study = optuna.create_study(study_name="s", storage=storage)
+    dead = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    storage.record_heartbeat(dead._trial_id)  # then never again: its worker was killed
+    seen: list[dict] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        seen.append(trial.params)
+        return trial.suggest_float("x", 0, 1)
+
+    _drain_stale(study, objective, heartbeat=1)
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE]
+    assert seen == [dead.params] == [study.trials[1].params]  # the retry, same parameters
+
+
+def test_a_worker_leaving_does_not_wait_without_running_trials(tmp_path: Path) -> None:
+    study = optuna.create_study(study_name="s", storage=open_storage(str(tmp_path / "s.db"), 1))
+    start = time.monotonic()
+    _drain_stale(study, lambda trial: 0.0, heartbeat=5)
+    assert time.monotonic() - start < 1 and not study.trials
+
+
 @pytest.mark.slow
 def test_two_workers_share_a_study_and_survive_a_kill(tmp_path: Path) -> None:
     config = _config(tmp_path, epochs=60)
@@ -209,11 +237,13 @@ def test_two_workers_share_a_study_and_survive_a_kill(tmp_path: Path) -> None:
                   for t in study.get_trials() if t.state == TrialState.RUNNING}
         running = [w for w in workers if str(w.pid) in owners]
         if running:  # kill a worker in the middle of its fit
-            time.sleep(1)
             victim = running[0]
             victim.send_signal(signal.SIGKILL)
     assert victim is not None, "no trial started"
     victim.wait(timeout=30)
+    owned = [t for t in optuna.load_study(study_name="flexact", storage=url).get_trials()
+             if t.user_attrs.get("worker", "").endswith(f":{victim.pid}")]
+    assert any(t.state == TrialState.RUNNING for t in owned), "killed between two trials"
     survivor = next(w for w in workers if w is not victim)
     assert survivor.wait(timeout=300) == 0
     trials = optuna.load_study(study_name="flexact", storage=url).get_trials()

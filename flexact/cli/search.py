@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,33 @@ def _mutator(spec: str | None) -> Any:
             from None
 
 
+def _drain_stale(study: Any, objective: Any, heartbeat: int) -> None:
+    """Before a worker leaves, fail and re-run trials of workers that died mid-fit.
+
+    Optuna fails stale trials only when a trial starts, so a worker that ends its last trial
+    within the grace period of another worker's death would leave that trial RUNNING forever.
+    Poll for one grace period (plus a beat): stale trials are failed, their retries (WAITING)
+    run here; trials still heartbeating after that belong to live workers and are theirs.
+    """
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    if getattr(study._storage, "get_heartbeat_interval", lambda: None)() is None:
+        return  # journal files have no heartbeats
+    deadline = time.monotonic() + 4 * heartbeat + 1
+    while time.monotonic() < deadline:
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        if TrialState.RUNNING not in states and TrialState.WAITING not in states:
+            return
+        fail_stale_trials(study)
+        waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+        if waiting:
+            study.optimize(objective, n_trials=waiting, gc_after_trial=True)
+            deadline = time.monotonic() + 4 * heartbeat + 1
+        else:
+            time.sleep(heartbeat)
+
+
 def run(args: argparse.Namespace, overrides: list[str]) -> Any:
     """Create or load the study, run this worker's trials, write the outputs."""
     import optuna
@@ -154,6 +182,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Any:
         study.optimize(make_objective(search, proposer, args.sampler), n_trials=remaining,
                        callbacks=[MaxTrialsCallback(args.n_trials, states=done)],
                        gc_after_trial=True)
+    _drain_stale(study, make_objective(search, proposer, args.sampler), args.heartbeat)
     write_outputs(study, args.out, args.top)
     return study
 
