@@ -31,18 +31,23 @@ Tasks:
 Runs:
 
 - sweep member ``a``: the same module with ``flexact={"candidates": [a]}`` in the head and the
-  backbone's ``activation=a``. Its one-candidate head is committed before training (it computes
+  backbone's ``activation=a``; where the backbone has activation sites also ``head:a``, the
+  activation in the head only and ReLU in the backbone (the sweep head-only FlexAct answers).
+  Its one-candidate head is committed before training (it computes
   exactly ``a``, as a plain activation module would) and its α is 0 (the KL of a one-candidate
   layer is 0): the cheapest fixed-activation run, so the time ratios are conservative.
 - FlexAct ``head`` (:data:`HEAD_VARIANTS`): the five candidates in the head; the backbone keeps
   its default ReLU. The variants differ in α (the paper's 0.3, 0.1, 0), the selection logits'
   learning rate over the weights' (``selection_lr_scale`` 1, 5, 10, 30), straight-through hard
-  samples, and logits held fixed for the first 30 % of the run (``select_after``).
+  samples, logits held fixed for the first 30 % of the run (``select_after``), an absolute
+  selection learning rate (0.1, 0.3, whatever the weights' rate) and the selection gradient
+  taken against standardized candidate outputs (``selection_gradient="standardized"``).
 - FlexAct ``everywhere`` (:data:`EVERYWHERE_VARIANTS`; tasks whose backbone has activation
   sites: teacher depth 8, digits, text): ``swap_backbone=True``; α = 0.3 with
   ``kl_reduction="mean"``, α = 0.3 on the head only (``regularize_backbone=False`` with
   ``kl_reduction="sum"``, i.e. the head's own KL: "mean" divides by every FlexAct layer,
-  regularized or not), α = 0, each with the selection learning-rate variants above.
+  regularized or not), α = 0, each with the selection learning-rate variants above, one
+  selection shared by every layer (``share_selection``) and the standardized gradient.
 - Every FlexAct run has ``TemperatureAnnealing(1 → 0.2)`` and ``SelectionCommit(mode="adaptive",
   threshold=0.9, patience=3, min_fraction=0.2, check_every_n_steps=20, prune_below=0.02,
   at=0.7)``; sweep members have the same annealing (a no-op for them).
@@ -52,8 +57,8 @@ of the model in eval mode (FlexAct applies exactly its picks). The sweep's best 
 one with the best mean test metric over seeds.
 
 Usage: ``python benchmarks/sweep.py [--seeds 3] [--epochs N] [--tasks synthetic teacher image
-text ...] [--variants TEXT ...] [--threads 1] [--no-write] [--smoke]`` (about 15 minutes on this
-shared 2-core machine).
+text ...] [--variants TEXT ...] [--threads 1] [--no-write] [--smoke]`` (about 40 minutes on this
+shared 2-core machine with every variant; ``--variants`` picks some).
 """
 
 from __future__ import annotations
@@ -87,6 +92,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import write_section  # sibling scripts, not a package
 
 CANDIDATES = ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]  # the paper's five
+HEAD = "head:"  # sweep members with the activation in the head only (the backbone keeps ReLU)
 KL_LAMBDA = 0.3
 DECISIVE = 0.9  # a layer is decisive when its top selection probability is at least this
 NOISE_FACTOR = 2.0  # within noise: |sweep mean(pick) − sweep mean(best)| ≤ 2 × std(best)
@@ -107,6 +113,8 @@ class Variant:
     hard: bool = False  # straight-through one-hot samples (GDAS-style)
     select_after: float = 0.0  # logits frozen (uniform mixture) for this fraction of the run
     shared: bool = False  # one selection for every layer (share_selection)
+    selection_lr: float | None = None  # the logits' own learning rate (replaces the scale)
+    standardized: bool = False  # selection_gradient="standardized" (equal footing)
 
 
 class _FreezeLogits(L.Callback):
@@ -133,6 +141,11 @@ HEAD_VARIANTS = [
     Variant("head, α=0, hard, selection lr ×10", 0.0, hard=True),
     Variant("head, α=0, selection lr ×30 after 30 %", 0.0, selection_lr_scale=30.0,
             select_after=0.3),
+    Variant("head, α=0, selection lr 0.1", 0.0, selection_lr=0.1),
+    Variant("head, α=0, selection lr 0.3", 0.0, selection_lr=0.3),
+    Variant("head, α=0, standardized, selection lr ×10", 0.0, standardized=True),
+    Variant("head, α=0, standardized, selection lr 0.1", 0.0, standardized=True,
+            selection_lr=0.1),
 ]
 EVERYWHERE_VARIANTS = [
     Variant("everywhere, α=0.3 (mean KL), selection lr ×1", 0.3, everywhere=True,
@@ -153,6 +166,15 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, shared, α=0, selection lr ×10", 0.0, everywhere=True, shared=True),
     Variant("everywhere, shared, α=0.3 (mean KL), selection lr ×10", 0.3, everywhere=True,
             shared=True),
+    Variant("everywhere, α=0, selection lr 0.1", 0.0, everywhere=True, selection_lr=0.1),
+    Variant("everywhere, shared, α=0, selection lr 0.1", 0.0, everywhere=True, shared=True,
+            selection_lr=0.1),
+    Variant("everywhere, α=0, standardized, selection lr ×10", 0.0, everywhere=True,
+            standardized=True),
+    Variant("everywhere, shared, α=0, standardized, selection lr ×10", 0.0, everywhere=True,
+            shared=True, standardized=True),
+    Variant("everywhere, shared, α=0, standardized, selection lr 0.1", 0.0, everywhere=True,
+            shared=True, standardized=True, selection_lr=0.1),
 ]
 SMOKE_VARIANTS = {HEAD_VARIANTS[0].name, HEAD_VARIANTS[4].name, EVERYWHERE_VARIANTS[0].name,
                   EVERYWHERE_VARIANTS[4].name}  # the paper's and flexact's defaults
@@ -175,17 +197,37 @@ class Task:
         return self.kind != "synthetic"
 
     @property
+    def has_sites(self) -> bool:
+        """The backbone has activation sites: a head-only sweep differs from the full one."""
+        return self.kind in ("digits", "text") or self.depth > 1
+
+    def sweep_members(self) -> list[str]:
+        """Fixed runs: ``a`` everywhere, and ``head:a`` (ReLU backbone) where it has sites."""
+        return CANDIDATES + ([f"{HEAD}{a}" for a in CANDIDATES] if self.has_sites else [])
+
+    def reference(self, variant: Variant) -> str:
+        """The sweep a FlexAct run answers: ``head:`` for head-only runs on a backbone."""
+        return HEAD if self.has_sites and not variant.everywhere else ""
+
+    @property
     def metric_name(self) -> str:
         return "test MSE" if self.kind == "synthetic" else "test accuracy %"
 
     def build(self, activation: str | None, variant: Variant | None) -> L.LightningModule:
-        """A sweep member (``activation``) or a FlexAct run (``variant``)."""
+        """A sweep member (``activation``, ``head:a`` for the head only) or a FlexAct run."""
+        head_only = activation is not None and activation.startswith(HEAD)
+        if head_only:
+            activation = activation.removeprefix(HEAD)  # type: ignore[union-attr]
         candidates = CANDIDATES if activation is None else [activation]
         common: dict[str, Any] = {
             "flexact": {"candidates": candidates, "kl_lambda": KL_LAMBDA,
-                        "hard": variant is not None and variant.hard},
+                        "hard": variant is not None and variant.hard,
+                        "selection_gradient": "standardized" if variant is not None
+                        and variant.standardized else "raw"},
             "alpha": 0.0 if variant is None else variant.alpha,
-            "selection_lr_scale": 1.0 if variant is None else variant.selection_lr_scale,
+            "selection_lr_scale": 1.0 if variant is None else (
+                variant.selection_lr_scale if variant.selection_lr is None
+                else variant.selection_lr / self.lr),
             "optimizer": lambda params: torch.optim.Adam(params, lr=self.lr),
         }
         if self.kind == "synthetic":
@@ -197,7 +239,8 @@ class Task:
                       share_selection=variant is not None and variant.shared,
                       kl_reduction="mean" if variant is None else variant.kl_reduction,
                       regularize_backbone=variant is None or variant.regularize_backbone)
-        act = activation or "relu"  # head-only FlexAct: the backbone keeps its ReLU
+        # head-only FlexAct and the head sweep: the backbone keeps its ReLU
+        act = "relu" if activation is None or head_only else activation
         if self.kind == "teacher":
             backbone: torch.nn.Module = MLP(10, hidden=[10] * (self.depth - 1), activation=act)
             head = {"num_classes": 2, "hidden_features": 10}
@@ -331,7 +374,7 @@ def fit_one(task: Task, seed: int, epochs: int, smoke: bool, activation: str | N
 
 def interleaved(task: Task, seed: int) -> list[tuple[str | None, Variant | None]]:
     """FlexAct runs spread among the sweep members; the order rotates with the seed."""
-    sweep: list[tuple[str | None, Variant | None]] = [(a, None) for a in CANDIDATES]
+    sweep: list[tuple[str | None, Variant | None]] = [(a, None) for a in task.sweep_members()]
     flex: list[tuple[str | None, Variant | None]] = [(None, v) for v in task.variants]
     sweep = sweep[seed % len(sweep):] + sweep[:seed % len(sweep)]
     flex = flex[seed % len(flex):] + flex[:seed % len(flex)]
@@ -413,31 +456,40 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     cells: list[dict[str, Any]] = []
     for name in task_names:
         task = TASKS[name]
-        stats = {a: _mean_std([r["metric"] for r in runs if r["task"] == name
-                               and r["activation"] == a]) for a in CANDIDATES}
         sign = 1.0 if task.higher_is_better else -1.0
-        best = max(CANDIDATES, key=lambda a: sign * stats[a][0])
         seeds = sorted({r["seed"] for r in runs if r["task"] == name})
-        per_seed = []
-        for seed in seeds:
-            members = [r for r in runs if r["task"] == name and r["seed"] == seed
-                       and r["activation"] is not None]
-            per_seed.append(max(members, key=lambda r: sign * r["metric"])["activation"])
-        sweep_lines.append(
-            f"| {name} | {task.metric_name} | "
-            + " | ".join(("**{}**" if a == best else "{}").format(
-                f"{_fmt(task, m)} ± {_fmt(task, s)}") for a, (m, s) in stats.items())
-            + f" | {best} | {', '.join(per_seed)} |")
-        sweep_seconds = {seed: sum(r["seconds"] for r in runs if r["task"] == name
-                                   and r["seed"] == seed and r["activation"] is not None)
-                         for seed in seeds}
-        sweep_steps = {seed: sum(r["steps"] for r in runs if r["task"] == name
-                                 and r["seed"] == seed and r["activation"] is not None)
-                       for seed in seeds}
-        best_mean, best_std = stats[best]
+        sweeps: dict[str, dict[str, Any]] = {}  # scope ("" everywhere, "head:") → its sweep
+        for scope in ([""] + ([HEAD] if task.has_sites else [])):
+            members = [r for r in runs if r["task"] == name and r["activation"] is not None
+                       and r["activation"].startswith(scope)
+                       and (scope or not r["activation"].startswith(HEAD))]
+            stats = {a: _mean_std([r["metric"] for r in members if r["activation"] == scope + a])
+                     for a in CANDIDATES}
+            best = max(CANDIDATES, key=lambda a: sign * stats[a][0])
+            per_seed = [max((r for r in members if r["seed"] == seed),
+                            key=lambda r: sign * r["metric"])["activation"].removeprefix(scope)
+                        for seed in seeds]
+            label = name + (" (head only)" if scope else "")
+            sweep_lines.append(
+                f"| {label} | {task.metric_name} | "
+                + " | ".join(("**{}**" if a == best else "{}").format(
+                    f"{_fmt(task, m)} ± {_fmt(task, s)}") for a, (m, s) in stats.items())
+                + f" | {best} | {', '.join(per_seed)} |")
+            sweeps[scope] = {
+                "stats": stats, "best": best,
+                "seconds": {seed: sum(r["seconds"] for r in members if r["seed"] == seed)
+                            for seed in seeds},
+                "steps": {seed: sum(r["steps"] for r in members if r["seed"] == seed)
+                          for seed in seeds}}
         for variant in task.variants:
             flex = sorted((r for r in runs if r["task"] == name and r["variant"] == variant.name),
                           key=lambda r: r["seed"])
+            if not flex:
+                continue
+            ref = sweeps[task.reference(variant)]
+            stats, best = ref["stats"], ref["best"]
+            best_mean, best_std = stats[best]
+            sweep_seconds, sweep_steps = ref["seconds"], ref["steps"]
             picks = [_majority(r["layers"]) for r in flex]
             head_picks = [next(x["pick"] for x in r["layers"] if x["head"]) for r in flex]
             hidden = Counter(x["pick"] for r in flex for x in r["layers"] if not x["head"])
@@ -448,7 +500,8 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             wall = flex_seconds / sum(sweep_seconds[r["seed"]] for r in flex)
             steps = flex_steps / sum(sweep_steps[r["seed"]] for r in flex)
             cells.append({
-                "task": name, "flexact": variant.name, "picks": picks, "head_picks": head_picks,
+                "task": name + (" (head only)" if task.reference(variant) else ""),
+                "flexact": variant.name, "picks": picks, "head_picks": head_picks,
                 "hidden": {p: c / sum(hidden.values()) for p, c in hidden.most_common()},
                 "decisive": sum(x["top"] >= DECISIVE for x in layers) / len(layers),
                 "top": statistics.fmean(x["top"] for x in layers),
@@ -469,7 +522,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
               "Δ vs best", "wall FlexAct / sweep", "steps FlexAct / sweep", "s/step ratio"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for cell in cells:
-        task = TASKS[cell["task"]]
+        task = TASKS[cell["task"].removesuffix(" (head only)")]
         pick = ", ".join(cell["head_picks"])
         if cell["hidden"]:
             pick += "; hidden: " + ", ".join(f"{p} {100 * f:.0f} %"
@@ -522,8 +575,10 @@ seconds of the FlexAct runs over
 those of all five sweep runs of the same seeds (runs interleaved); *steps*: optimizer steps, the
 same ratio (1/5 at equal epochs); *s/step ratio*: their quotient, FlexAct's time per step over a
 fixed-activation run's. The sweep's best is the activation with the best mean test metric over
-seeds. The head-only FlexAct on teacher depth 8 keeps the MLP's ReLU in the 7 backbone layers
-while every sweep member uses its activation everywhere. One torch thread: with two on this
+seeds. Tasks with a backbone (teacher depth 8, digits, text) have two sweeps: the activation
+everywhere, which FlexAct everywhere answers, and the activation in the head only with the
+backbone's ReLU kept (rows "(head only)"), which head-only FlexAct answers: the same network and
+question, so its picks and its time are compared with that sweep. One torch thread: with two on this
 shared 2-core machine, the batched matmul of the regularizer's gradient norms (α > 0 heads,
 measured through the head's input weight, flexact/nn/norms.py) opens an OpenMP parallel region
 that waits milliseconds for a descheduled thread, and an α = 0.3 run then costs several times a
@@ -581,8 +636,9 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for activation, variant in interleaved(task, seed):
                 runs.append(fit_one(task, seed, epochs or task.epochs, args.smoke, activation,
                                     variant))
-        print(f"[{name}] {len(task.variants) + len(CANDIDATES)} runs × {seeds} seeds in "
-              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        runs_per_seed = len(task.variants) + len(task.sweep_members())
+        print(f"[{name}] {runs_per_seed} runs × {seeds} seeds in {time.perf_counter() - t0:.0f} s",
+              flush=True)
     seconds = time.perf_counter() - start
     text, cells = summarize(runs)
     if not args.smoke:

@@ -114,8 +114,9 @@ GRANULARITIES = [
 @pytest.mark.parametrize(("channel_dim", "shape", "channels"), GRANULARITIES)
 def test_mixture_fused_path_gradcheck(
     names: Sequence[str], path: str, channel_dim: int | None, shape: tuple[int, ...],
-    channels: int | None,
+    channels: int | None, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr(flexact.nn.kernels, "SMALL_INPUT", 0)  # the fused path, however small
     candidates = [get_activation(n).double() for n in names]
     x = _away_from_zero(shape, torch.float64, seed=1).requires_grad_(True)
     w_shape = (len(names),) if channels is None else (channels, len(names))
@@ -129,6 +130,27 @@ def test_mixture_fused_path_gradcheck(
     assert torch.autograd.gradcheck(
         lambda xx, ww: mixture(xx, ww, candidates, channel_dim), (x, weights)
     )
+
+
+@pytest.mark.parametrize(("channel_dim", "shape", "channels"), GRANULARITIES)
+def test_small_inputs_take_plain_autograd_with_the_same_values_and_gradients(
+    channel_dim: int | None, shape: tuple[int, ...], channels: int | None
+) -> None:
+    candidates = [get_activation(n).double() for n in PAPER_CANDIDATES]
+    x = _away_from_zero(shape, torch.float64, seed=1).requires_grad_(True)
+    w_shape = (5,) if channels is None else (channels, 5)
+    weights = torch.randn(w_shape, dtype=torch.float64, requires_grad=True)
+    assert x.numel() <= flexact.nn.kernels.SMALL_INPUT
+    out = mixture(x, weights, candidates, channel_dim)
+    assert "ClosedFormMixture" not in type(out.grad_fn).__name__
+    cd = None if channel_dim is None else channel_dim % x.dim()
+    torch.testing.assert_close(out, _naive_mixture(x, weights, candidates, cd))
+    assert torch.autograd.gradcheck(
+        lambda xx, ww: mixture(xx, ww, candidates, channel_dim), (x, weights)
+    )
+    big = _away_from_zero((flexact.nn.kernels.SMALL_INPUT + 1,), torch.float64, seed=2)
+    weights = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    assert "ClosedFormMixture" in type(mixture(big, weights, candidates).grad_fn).__name__
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from flexact.errors import ConfigError
 from flexact.nn.basis import basis_rows
 from flexact.nn.batchnorm import batchnorm_mixture, fusable_batchnorm
+from flexact.nn.footing import standardize_selection_gradient
 from flexact.nn.gumbel import gumbel_softmax
 from flexact.nn.kernels import closed_form_mixture
 from flexact.nn.mixture import _general_mixture, apply_per_channel, channel_dim_of, mixture
@@ -161,9 +162,10 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
             self._targets = self._targets_from_norms(norms, x)
         elif measure:
             self._targets = self._pseudo_probabilities(x, input_weight, channel_dim)
-        if closed is None:
-            return _general_mixture(x, weights, live, channel_dim, save_dtype)
-        return closed[0]
+        out = closed[0] if closed else _general_mixture(x, weights, live, channel_dim, save_dtype)
+        if self.spec.selection_gradient == "standardized" and weights.requires_grad:
+            out = standardize_selection_gradient(out, x, weights, live, channel_dim)
+        return out
 
     def _channel_dim(self, x: Tensor) -> int | None:
         """The input's channel dimension (non-negative) for per-channel layers, else ``None``."""
@@ -191,7 +193,7 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
         """
         channel_dim = self._channel_dim(z)
         rows = None
-        if (self.training and not self.committed
+        if (self.training and not self.committed and self.spec.selection_gradient == "raw"
                 and not (self._forward_hooks or self._forward_pre_hooks)  # they expect a call
                 and fusable_batchnorm(z, norm, channel_dim, residual)):
             rows = basis_rows(self.live_candidates())
@@ -235,18 +237,16 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
             return self.candidates[self._committed_index](x)
         return apply_per_channel(x, self.picks(), self.candidates, channel_dim)
 
-    def gradient_norms(
-        self, x: Tensor, input_weight: Tensor | None = None, channel_dim: int | None = None
-    ) -> Tensor:
+    def gradient_norms(self, x: Tensor, input_weight: Tensor | None = None,
+                       channel_dim: int | None = None) -> Tensor:
         """Batch-mean gradient norm ḡ of every candidate (docs/method.md eq. 1).
 
         See :func:`flexact.nn.norms.gradient_norms`; ``(p,)`` or ``(C, p)`` per channel.
         """
         return gradient_norms(self.candidates, x, input_weight, channel_dim)
 
-    def _pseudo_probabilities(
-        self, x: Tensor, input_weight: Tensor | None, channel_dim: int | None
-    ) -> Tensor:
+    def _pseudo_probabilities(self, x: Tensor, input_weight: Tensor | None,
+                              channel_dim: int | None) -> Tensor:
         norms = gradient_norms(self.live_candidates(), x, input_weight, channel_dim)
         return self._targets_from_norms(norms, x)
 

@@ -22,11 +22,12 @@ from flexact.nn.activations import PAPER_CANDIDATES
 from flexact.nn.registry import check_activation_name
 
 __all__ = ["CandidateStateMixin", "EvalMode", "FlexActSpec", "Granularity", "Mode",
-           "check_same_candidates", "check_tau"]
+           "SelectionGradient", "check_same_candidates", "check_tau"]
 
 Granularity = Literal["layer", "channel"]
 EvalMode = Literal["argmax", "expected"]
 Mode = Literal["gumbel", "blend"]
+SelectionGradient = Literal["raw", "standardized"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class FlexActSpec:
             ``{leaky_relu: {negative_slope: 0.2}}``.
         candidates_file: A text file of candidate names or expressions, one per line (``#``
             comments), e.g. the ``top.txt`` of ``flexact search``; replaces ``candidates``.
+        selection_gradient: ``raw``: the logits' gradient of the plain mixture; ``standardized``:
+            taken against each candidate's output standardized over the batch, so that a
+            candidate's scale and offset do not decide its pick (docs/method.md §5).
     """
 
     candidates: Sequence[str] = PAPER_CANDIDATES
@@ -69,13 +73,14 @@ class FlexActSpec:
     compact_memory: bool = False
     candidate_kwargs: Mapping[str, Mapping[str, Any]] | None = None
     candidates_file: str | None = None
+    selection_gradient: SelectionGradient = "raw"
 
     def __post_init__(self) -> None:
         if self.candidates_file is not None:
             object.__setattr__(self, "candidates", _read_candidates(self.candidates_file))
         names = _check_candidates(self.candidates)
         for field, kind in (("granularity", Granularity), ("eval_mode", EvalMode),
-                            ("mode", Mode)):
+                            ("mode", Mode), ("selection_gradient", SelectionGradient)):
             if getattr(self, field) not in get_args(kind):
                 choices = " or ".join(repr(c) for c in get_args(kind))
                 raise ConfigError(f"{field} must be {choices}, got {getattr(self, field)!r}")
@@ -137,6 +142,7 @@ class FlexActSpec:
             "compact_memory": self.compact_memory,
             "candidate_kwargs": None if self.candidate_kwargs is None else {
                 k: dict(v) for k, v in self.candidate_kwargs.items()},
+            "selection_gradient": self.selection_gradient,
         }
 
 

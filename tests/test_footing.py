@@ -1,0 +1,83 @@
+"""selection_gradient="standardized": candidates compared by shape, not by scale or offset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flexact import ConfigError, FlexAct
+from flexact.nn.footing import standardize_selection_gradient
+
+
+class _Affine(nn.Module):
+    """``scale · tanh(x) + shift``: tanh's shape at another scale and offset."""
+
+    def __init__(self, scale: float, shift: float) -> None:
+        super().__init__()
+        self.scale, self.shift = scale, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scale * torch.tanh(x) + self.shift
+
+
+def _weight_grad(candidates: list[nn.Module], x: torch.Tensor, g: torch.Tensor,
+                 standardized: bool) -> torch.Tensor:
+    weights = torch.full((len(candidates),), 1.0 / len(candidates), requires_grad=True)
+    out = sum(w * c(x) for w, c in zip(weights, candidates, strict=True))
+    if standardized:
+        out = standardize_selection_gradient(out, x, weights, candidates, None)
+    (grad,) = torch.autograd.grad(out, weights, g)
+    return grad
+
+
+def test_the_weight_gradient_ignores_a_candidates_scale_and_offset() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x, g = torch.randn(64, 8, generator=gen), torch.randn(64, 8, generator=gen)
+    candidates: list[nn.Module] = [nn.Tanh(), _Affine(5.0, 3.0), nn.ReLU()]
+    raw = _weight_grad(candidates, x, g, standardized=False)
+    assert not torch.isclose(raw[0], raw[1], rtol=0.1)  # raw: scale and offset change it
+    std = _weight_grad(candidates, x, g, standardized=True)
+    torch.testing.assert_close(std[0], std[1], rtol=1e-4, atol=1e-5)
+    z = (torch.relu(x) - torch.relu(x).mean()) / torch.relu(x).std()
+    torch.testing.assert_close(std[2], (g * z).sum(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "channel"])
+def test_only_the_logits_gradient_changes(granularity: str) -> None:
+    kwargs = {"num_channels": 6} if granularity == "channel" else {}
+    raw = FlexAct(granularity=granularity, **kwargs)
+    std = FlexAct(granularity=granularity, selection_gradient="standardized", **kwargs)
+    std.load_state_dict(raw.state_dict())
+    x = torch.randn(32, 6, requires_grad=True)
+    g = torch.randn(32, 6)
+    results = []
+    for layer in (raw, std):
+        torch.manual_seed(3)  # the same Gumbel sample
+        out = layer(x)
+        results.append((out, *torch.autograd.grad(out, (x, layer.logits), g)))
+    torch.testing.assert_close(results[0][0], results[1][0])  # value
+    torch.testing.assert_close(results[0][1], results[1][1])  # input gradient
+    assert not torch.allclose(results[0][2], results[1][2])  # the selection's gradient
+
+
+def test_a_standardized_layer_trains_and_picks_the_truth() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2048, 4)
+    y = torch.sigmoid(5 * x[:, :1])
+    model = nn.Sequential(nn.Linear(4, 1), FlexAct(selection_gradient="standardized"))
+    opt = torch.optim.Adam([{"params": model[0].parameters(), "lr": 0.05},
+                            {"params": [model[1].logits], "lr": 0.5}])
+    for step in range(400):
+        batch = torch.randint(0, len(x), (64,))
+        model[1].tau = max(0.2, 0.995 ** step)
+        loss = nn.functional.mse_loss(model(x[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model[1].selected() == ["sigmoid"]
+
+
+def test_a_bad_selection_gradient_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="selection_gradient must be 'raw' or 'standardized'"):
+        FlexAct(selection_gradient="scaled")
