@@ -117,11 +117,16 @@ def test_sweep_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
             "| = best | within noise | FlexAct metric | Δ vs best | wall FlexAct / sweep | "
             "steps FlexAct / sweep | s/step ratio |") in out
     assert "| task | metric | relu | sigmoid | tanh | leaky_relu | identity | best |" in out
+    # Head-only FlexAct on a backbone answers the head-only sweep (the backbone keeps ReLU).
     assert {(c["task"], c["flexact"]) for c in cells} == {
-        (task, variant) for task in ("synthetic-tanh", "teacher-d8-relu", "digits-lenet5",
-                                     "text-cnn")
+        (task + (" (head only)" if variant.startswith("head") and task != "synthetic-tanh"
+                 else ""), variant)
+        for task in ("synthetic-tanh", "teacher-d8-relu", "digits-lenet5", "text-cnn")
         for variant in sweep.SMOKE_VARIANTS
         if task != "synthetic-tanh" or variant.startswith("head")}
+    for task in ("teacher-d8-relu", "digits-lenet5", "text-cnn"):
+        assert f"| {task} (head only) | test accuracy % |" in out
+    assert "| synthetic-tanh (head only)" not in out
     for cell in cells:
         assert cell["picks"] and all(p in sweep.CANDIDATES for p in cell["picks"])
         assert cell["best"] in sweep.CANDIDATES
@@ -129,6 +134,26 @@ def test_sweep_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         assert 0 <= cell["within"] <= cell["seeds"] and 0 <= cell["decisive"] <= 1
     everywhere = [c for c in cells if c["flexact"].startswith("everywhere")]
     assert everywhere and all(c["hidden"] for c in everywhere)  # backbone sites swapped
+
+
+def test_sweep_members_of_the_head_only_sweep_keep_the_backbones_relu() -> None:
+    from flexact.callbacks.selection_summary import named_layers
+
+    sweep = _load("sweep")
+    task = sweep.TASKS["teacher-d8-relu"]
+    assert task.sweep_members() == [*sweep.CANDIDATES, *(f"head:{a}" for a in sweep.CANDIDATES)]
+    assert sweep.TASKS["synthetic-tanh"].sweep_members() == sweep.CANDIDATES
+    head_only = task.build("head:tanh", None)
+    everywhere = task.build("tanh", None)
+    assert [type(m).__name__ for m in head_only.model.backbone.modules()].count("ReLU") == 7
+    assert "ReLU" not in [type(m).__name__ for m in everywhere.model.backbone.modules()]
+    for module in (head_only, everywhere):
+        assert [layer.candidate_names for name, layer in named_layers(module)
+                if name.startswith("head")] == [("tanh",)]
+    head_variant = next(v for v in sweep.HEAD_VARIANTS if "default" in v.name)
+    every_variant = next(v for v in sweep.EVERYWHERE_VARIANTS if "default" in v.name)
+    assert task.reference(head_variant) == "head:" and task.reference(every_variant) == ""
+    assert sweep.TASKS["synthetic-tanh"].reference(head_variant) == ""
 
 
 def _script(*args: str) -> str:
