@@ -131,9 +131,7 @@ class SearchRun:
         trainer, tour = cli.trainer, {"probabilities": {}, "oneshot": {}, "finetuned": {}}
         winner = expressions[0]
         if len(expressions) > 1:
-            trainer.callbacks = [c for c in trainer.callbacks if c is not pruning]
-            winner, trainer, tour = self._tournament(trial, trainer, module, data, sites,
-                                                     expressions)
+            winner, trainer, tour = self._tournament(trial, module, data, sites, expressions)
             steps += tour.pop("steps")
         scores = self._scores(trainer, module, data)
         if not all(math.isfinite(v) for v in scores.values()):
@@ -141,8 +139,8 @@ class SearchRun:
         return {"scores": scores, "winner": winner, "steps": steps,
                 "seconds": time.perf_counter() - start, **tour}
 
-    def _tournament(self, trial: optuna.Trial, trainer: Trainer, module: LightningModule,
-                    data: Any, sites: list[str], expressions: list[str]
+    def _tournament(self, trial: optuna.Trial, module: LightningModule, data: Any,
+                    sites: list[str], expressions: list[str]
                     ) -> tuple[str, Trainer, dict[str, Any]]:
         """Pick the winner, commit every site to it and fine-tune (module.model is replaced).
 
@@ -152,9 +150,13 @@ class SearchRun:
         tour: dict[str, Any] = {"probabilities": mean_probabilities(module.model, expressions),
                                 "oneshot": {}, "finetuned": {}, "steps": 0}
         order = ranked(tour["probabilities"], maximize=True)
+        # Scoring passes validate without inference mode: tensors it creates (the metrics'
+        # states) could not be updated by the fine-tunes that follow.
+        judge = None
         if self.tournament_score != "probability":
+            judge = self._cli(trial, ["--trainer.inference_mode=false"]).trainer
             tour["oneshot"] = oneshot_scores(module.model, sites, expressions,
-                                             lambda: self._validate(trainer, module, data))
+                                             lambda: self._validate(judge, module, data))
             order = ranked(tour["oneshot"], self.maximize)
         contenders = order[:self.top] if self.tournament_score == "finetune" else order[:1]
         shared = copy.deepcopy(module.model) if len(contenders) > 1 else module.model
@@ -166,8 +168,8 @@ class SearchRun:
             tune.trainer.fit(module, datamodule=data)
             tour["steps"] += int(tune.trainer.global_step)
             tuned[name] = module.model, tune.trainer
-            if len(contenders) > 1:
-                tour["finetuned"][name] = self._validate(tune.trainer, module, data)
+            if judge is not None and len(contenders) > 1:
+                tour["finetuned"][name] = self._validate(judge, module, data)
         winner = ranked(tour["finetuned"], self.maximize)[0] if tour["finetuned"] \
             else contenders[0]
         module.model, trainer = tuned[winner]
