@@ -37,7 +37,9 @@ from torch import nn
 from flexact import FlexAct, get_activation
 from flexact.nn.registry import check_activation_name
 from flexact.probe.fisher import fisher_features, output_distribution
+from flexact.probe.sites import with_activation
 from flexact.probe.surrogate import standardize_blocks
+from flexact.search.oneshot import TOURNAMENT_SCORES, mean_probabilities, oneshot_scores, ranked
 from flexact.search.proposers import make_proposer, make_sampler
 from flexact.search.space import SearchSpace
 
@@ -96,16 +98,28 @@ def train_one(name: str) -> float:
     return ood_mse(model)
 
 
-def tournament(candidates: list[str]) -> str:
-    """Train FlexAct over the candidates, commit to the most probable, fine-tune; the winner."""
+def tournament(candidates: list[str], rule: str = "probability", top: int = 2
+               ) -> tuple[str, int, dict[str, float]]:
+    """Train FlexAct over the candidates, pick by ``rule``, fine-tune; winner, steps, one-shot.
+
+    ``rule`` as ``flexact search --tournament_score``: ``probability`` (highest mean selection
+    probability), ``oneshot`` (lowest OOD MSE of the network committed to each candidate with
+    the shared weights: 8 eval passes, no steps), ``finetune`` (the ``top`` best one-shot
+    candidates each fine-tuned from the shared weights; lowest OOD MSE after it wins).
+    """
     model = mlp(lambda: FlexAct(candidates=candidates))
     fit(model, STEPS, tau=(1.0, 0.2))
-    probs = torch.stack([m.probabilities() for m in model.modules() if isinstance(m, FlexAct)])
-    winner = candidates[int(probs.mean(0).argmax())]
-    for i in (1, 3):
-        model[i] = get_activation(winner)
-    fit(model, FINETUNE)
-    return winner
+    order = ranked(mean_probabilities(model, candidates), maximize=True)
+    scores = {}
+    if rule != "probability":
+        scores = oneshot_scores(model, ["1", "3"], candidates, lambda: ood_mse(model))
+        order = ranked(scores)
+    contenders, tuned = order[:top] if rule == "finetune" else order[:1], {}
+    for name in contenders:
+        committed = with_activation(model, name, ["1", "3"])  # a copy: shared weights stay
+        fit(committed, FINETUNE)
+        tuned[name] = ood_mse(committed)
+    return ranked(tuned)[0], STEPS + len(contenders) * FINETUNE, scores
 
 
 def ground_truth(space: SearchSpace, path: Path) -> dict[str, float]:
@@ -132,7 +146,8 @@ def features(names: list[str]) -> np.ndarray:
 
 
 def run_sampler(name: str, space: SearchSpace, truth: dict[str, float], seed: int,
-                trials: int, feats: np.ndarray, target: float) -> tuple[int | None, float]:
+                trials: int, feats: np.ndarray, target: float, rule: str = "probability",
+                top: int = 2) -> tuple[int | None, float]:
     """Steps spent until within ε of the best (None if never), and the best found."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=make_sampler(name, seed, False))
@@ -143,8 +158,9 @@ def run_sampler(name: str, space: SearchSpace, truth: dict[str, float], seed: in
         exprs = proposer.propose(study, trial)
         trial.set_user_attr("expressions", exprs)
         if len(exprs) > 1:
-            winner = tournament(exprs)
-            spent += STEPS + FINETUNE
+            winner, steps, scores = tournament(exprs, rule, top)
+            trial.set_user_attr("oneshot", scores)
+            spent += steps
             seen.update(exprs)
         else:
             winner = exprs[0]
@@ -169,6 +185,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samplers", nargs="+",
                         default=["random", "tpe", "evolution", "surrogate", "tournament"])
+    parser.add_argument("--tournament_score", choices=TOURNAMENT_SCORES, default="probability",
+                        help="how a tournament trial picks its winner (flexact search's option)")
+    parser.add_argument("--tournament_top", type=int, default=2,
+                        help="candidates the finetune rule fine-tunes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global STEPS, FINETUNE
@@ -188,13 +208,16 @@ def main() -> None:
           f"{truth[best_name]:.4f}); within ε: "
           f"{sum(truth[f] <= target for f in functions)} functions")
     print("baselines: " + ", ".join(f"{b} {truth[b]:.4f}" for b in BASELINES))
+    print(f"tournament: --tournament_score {args.tournament_score} (finetune: top "
+          f"{args.tournament_top})")
     feats = features(functions)
     print("| sampler | seeds reaching ε | steps to ε: median (min–max) | best OOD MSE found "
           "(median) |")
     print("|---|---|---|---|")
     medians = {}
     for sampler in args.samplers:
-        runs = [run_sampler(sampler, space, truth, s, args.trials, feats, target)
+        runs = [run_sampler(sampler, space, truth, s, args.trials, feats, target,
+                            args.tournament_score, args.tournament_top)
                 for s in range(args.seeds)]
         steps = [r for r, _ in runs if r is not None]
         medians[sampler] = float(np.median(steps)) if steps else math.inf
@@ -205,7 +228,7 @@ def main() -> None:
     # by the training (in-distribution) loss, so also try them beside the baselines.
     top = sorted(functions, key=truth.get)[:5]
     for candidates in (top, [*BASELINES, *top]):
-        pick = tournament(candidates)
+        pick = tournament(candidates)[0]
         print(f"FlexAct over {len(candidates)} candidates ({', '.join(candidates)}) picks "
               f"{pick}: OOD MSE {truth[pick]:.4f}")
     for sampler in [s for s in ("surrogate", "tournament") if s in medians]:
