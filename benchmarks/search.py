@@ -49,6 +49,7 @@ UNARY = ["identity", "neg", "abs", "square", "sin", "cos", "tanh", "sigmoid", "r
 BINARY = ["add", "mul", "max", "wadd:0.5"]
 BASELINES = ["relu", "gelu", "sigmoid", "tanh", "leaky_relu", "identity"]
 STEPS, FINETUNE, EPS = 400, 100, 0.05
+NOTES: list[str] = []
 
 
 def data() -> tuple[torch.Tensor, ...]:
@@ -162,6 +163,10 @@ def run_sampler(name: str, space: SearchSpace, truth: dict[str, float], seed: in
             trial.set_user_attr("oneshot", scores)
             spent += steps
             seen.update(exprs)
+            if any(truth[e] <= target for e in exprs):  # why a tournament misses the best
+                NOTES.append(f"seed {seed}: the best is a candidate of tournament trial "
+                             f"{trial.number} (after {spent} steps); {winner} "
+                             f"({truth[winner]:.3f}) wins")
         else:
             winner = exprs[0]
             spent += 0 if winner in seen else STEPS
@@ -224,6 +229,7 @@ def main() -> None:
         spread = f"{np.median(steps):.0f} ({min(steps)}–{max(steps)})" if steps else "—"
         print(f"| {sampler} | {len(steps)}/{args.seeds} | {spread} | "
               f"{np.median([b for _, b in runs]):.4f} |", flush=True)
+    print("\n".join(NOTES))
     # The search's top 5 go back in as candidates (top.txt → candidates_file:); FlexAct picks
     # by the training (in-distribution) loss, so also try them beside the baselines.
     top = sorted(functions, key=truth.get)[:5]
@@ -232,7 +238,9 @@ def main() -> None:
         print(f"FlexAct over {len(candidates)} candidates ({', '.join(candidates)}) picks "
               f"{pick}: OOD MSE {truth[pick]:.4f}")
     for sampler in [s for s in ("surrogate", "tournament") if s in medians]:
-        if math.isinf(medians.get("random", math.inf)):
+        if "random" not in medians:
+            print(f"{sampler} / random: random did not run (--samplers); see RESULTS.md")
+        elif math.isinf(medians["random"]):
             print(f"{sampler} / random: random never reached ε within the budget")
         else:
             print(f"{sampler} / random, median steps to ε: "
