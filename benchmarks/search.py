@@ -100,27 +100,28 @@ def train_one(name: str) -> float:
 
 
 def tournament(candidates: list[str], rule: str = "probability", top: int = 2
-               ) -> tuple[str, int, dict[str, float]]:
-    """Train FlexAct over the candidates, pick by ``rule``, fine-tune; winner, steps, one-shot.
+               ) -> tuple[str, int, dict[str, dict[str, float]]]:
+    """Train FlexAct over the candidates, pick by ``rule``, fine-tune; winner, steps, record.
 
     ``rule`` as ``flexact search --tournament_score``: ``probability`` (highest mean selection
     probability), ``oneshot`` (lowest OOD MSE of the network committed to each candidate with
     the shared weights: 8 eval passes, no steps), ``finetune`` (the ``top`` best one-shot
-    candidates each fine-tuned from the shared weights; lowest OOD MSE after it wins).
+    candidates each fine-tuned from the shared weights; lowest OOD MSE after it wins). The
+    record has every candidate's probability and one-shot score, whatever the rule.
     """
     model = mlp(lambda: FlexAct(candidates=candidates))
     fit(model, STEPS, tau=(1.0, 0.2))
-    order = ranked(mean_probabilities(model, candidates), maximize=True)
-    scores = {}
-    if rule != "probability":
-        scores = oneshot_scores(model, ["1", "3"], candidates, lambda: ood_mse(model))
-        order = ranked(scores)
+    probabilities = mean_probabilities(model, candidates)
+    # Eval passes only (no steps, no random draws), so every rule can report them.
+    oneshot = oneshot_scores(model, ["1", "3"], candidates, lambda: ood_mse(model))
+    order = ranked(probabilities, maximize=True) if rule == "probability" else ranked(oneshot)
     contenders, tuned = order[:top] if rule == "finetune" else order[:1], {}
     for name in contenders:
         committed = with_activation(model, name, ["1", "3"])  # a copy: shared weights stay
         fit(committed, FINETUNE)
         tuned[name] = ood_mse(committed)
-    return ranked(tuned)[0], STEPS + len(contenders) * FINETUNE, scores
+    return ranked(tuned)[0], STEPS + len(contenders) * FINETUNE, {
+        "probabilities": probabilities, "oneshot": oneshot}
 
 
 def ground_truth(space: SearchSpace, path: Path) -> dict[str, float]:
@@ -159,13 +160,16 @@ def run_sampler(name: str, space: SearchSpace, truth: dict[str, float], seed: in
         exprs = proposer.propose(study, trial)
         trial.set_user_attr("expressions", exprs)
         if len(exprs) > 1:
-            winner, steps, scores = tournament(exprs, rule, top)
-            trial.set_user_attr("oneshot", scores)
+            winner, steps, record = tournament(exprs, rule, top)
             spent += steps
             seen.update(exprs)
-            if any(truth[e] <= target for e in exprs):  # why a tournament misses the best
+            for best_one in (e for e in exprs if truth[e] <= target):  # why a tournament misses
+                ranks = {k: ranked(v, k == "probabilities").index(best_one) + 1
+                         for k, v in record.items()}
                 NOTES.append(f"seed {seed}: the best is a candidate of tournament trial "
-                             f"{trial.number} (after {spent} steps); {winner} "
+                             f"{trial.number} (after {spent} steps), rank "
+                             f"{ranks['probabilities']}/{len(exprs)} by probability and "
+                             f"{ranks['oneshot']}/{len(exprs)} by one-shot OOD MSE; {winner} "
                              f"({truth[winner]:.3f}) wins")
         else:
             winner = exprs[0]
