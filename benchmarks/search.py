@@ -10,13 +10,17 @@ hidden sites), trained on |x| ≤ 2 (Adam 3e-3, 400 steps of batch 128), scored 
 Each sampler of flexact.search.proposers then runs on an Optuna study for several search seeds.
 Single-expression trials read their score from the ground truth and cost 400 steps (a repeat
 costs nothing). A tournament trial really trains: FlexAct layers over its k = 8 candidates at
-both sites (τ 1 → 0.2), 400 steps, then commits both sites to the candidate of highest mean
-probability and fine-tunes 100 steps; the winner's ground-truth score is what the trial found,
-and it costs 500 steps. Reported: the steps each sampler spends until its best is within ε
-(5 % relative) of the exhaustive best, over seeds.
+both sites (τ 1 → 0.2), 400 steps, then picks a winner by ``--tournament_score`` (as
+``flexact search``'s: highest mean probability, lowest one-shot OOD MSE with the shared
+weights, or the lowest OOD MSE after fine-tuning the ``--tournament_top`` best one-shot
+candidates), commits both sites to it and fine-tunes 100 steps; the winner's ground-truth score
+is what the trial found, and it costs 500 steps (400 + 100 per fine-tuned candidate).
+Reported: the steps each sampler spends until its best is within ε (5 % relative) of the
+exhaustive best, over seeds.
 
 Usage: ``python benchmarks/search.py`` (ground truth about 4 min the first time, then about
-5 min); ``--smoke`` for the test suite.
+5 min); ``--samplers tournament --tournament_score oneshot`` reruns one sampler with one rule
+(about 12 min); ``--smoke`` for the test suite.
 """
 
 from __future__ import annotations
