@@ -152,11 +152,11 @@ class SearchRun:
         order = ranked(tour["probabilities"], maximize=True)
         # Scoring passes validate without inference mode: tensors it creates (the metrics'
         # states) could not be updated by the fine-tunes that follow.
-        judge = None
+        judge: Trainer | None = None
         if self.tournament_score != "probability":
-            judge = self._cli(trial, ["--trainer.inference_mode=false"]).trainer
+            judge = scorer = self._cli(trial, ["--trainer.inference_mode=false"]).trainer
             tour["oneshot"] = oneshot_scores(module.model, sites, expressions,
-                                             lambda: self._validate(judge, module, data))
+                                             lambda: self._validate(scorer, module, data))
             order = ranked(tour["oneshot"], self.maximize)
         contenders = order[:self.top] if self.tournament_score == "finetune" else order[:1]
         shared = copy.deepcopy(module.model) if len(contenders) > 1 else module.model
