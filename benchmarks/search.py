@@ -10,13 +10,17 @@ hidden sites), trained on |x| ≤ 2 (Adam 3e-3, 400 steps of batch 128), scored 
 Each sampler of flexact.search.proposers then runs on an Optuna study for several search seeds.
 Single-expression trials read their score from the ground truth and cost 400 steps (a repeat
 costs nothing). A tournament trial really trains: FlexAct layers over its k = 8 candidates at
-both sites (τ 1 → 0.2), 400 steps, then commits both sites to the candidate of highest mean
-probability and fine-tunes 100 steps; the winner's ground-truth score is what the trial found,
-and it costs 500 steps. Reported: the steps each sampler spends until its best is within ε
-(5 % relative) of the exhaustive best, over seeds.
+both sites (τ 1 → 0.2), 400 steps, then picks a winner by ``--tournament_score`` (as
+``flexact search``'s: highest mean probability, lowest one-shot OOD MSE with the shared
+weights, or the lowest OOD MSE after fine-tuning the ``--tournament_top`` best one-shot
+candidates), commits both sites to it and fine-tunes 100 steps; the winner's ground-truth score
+is what the trial found, and it costs 500 steps (400 + 100 per fine-tuned candidate).
+Reported: the steps each sampler spends until its best is within ε (5 % relative) of the
+exhaustive best, over seeds.
 
 Usage: ``python benchmarks/search.py`` (ground truth about 4 min the first time, then about
-5 min); ``--smoke`` for the test suite.
+5 min); ``--samplers tournament --tournament_score oneshot`` reruns one sampler with one rule
+(about 12 min); ``--smoke`` for the test suite.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from torch import nn
 from flexact import FlexAct, get_activation
 from flexact.nn.registry import check_activation_name
 from flexact.probe.fisher import fisher_features, output_distribution
+from flexact.probe.sites import with_activation
 from flexact.probe.surrogate import standardize_blocks
+from flexact.search.oneshot import TOURNAMENT_SCORES, mean_probabilities, oneshot_scores, ranked
 from flexact.search.proposers import make_proposer, make_sampler
 from flexact.search.space import SearchSpace
 
@@ -47,6 +53,7 @@ UNARY = ["identity", "neg", "abs", "square", "sin", "cos", "tanh", "sigmoid", "r
 BINARY = ["add", "mul", "max", "wadd:0.5"]
 BASELINES = ["relu", "gelu", "sigmoid", "tanh", "leaky_relu", "identity"]
 STEPS, FINETUNE, EPS = 400, 100, 0.05
+NOTES: list[str] = []
 
 
 def data() -> tuple[torch.Tensor, ...]:
@@ -96,16 +103,29 @@ def train_one(name: str) -> float:
     return ood_mse(model)
 
 
-def tournament(candidates: list[str]) -> str:
-    """Train FlexAct over the candidates, commit to the most probable, fine-tune; the winner."""
+def tournament(candidates: list[str], rule: str = "probability", top: int = 2
+               ) -> tuple[str, int, dict[str, dict[str, float]]]:
+    """Train FlexAct over the candidates, pick by ``rule``, fine-tune; winner, steps, record.
+
+    ``rule`` as ``flexact search --tournament_score``: ``probability`` (highest mean selection
+    probability), ``oneshot`` (lowest OOD MSE of the network committed to each candidate with
+    the shared weights: 8 eval passes, no steps), ``finetune`` (the ``top`` best one-shot
+    candidates each fine-tuned from the shared weights; lowest OOD MSE after it wins). The
+    record has every candidate's probability and one-shot score, whatever the rule.
+    """
     model = mlp(lambda: FlexAct(candidates=candidates))
     fit(model, STEPS, tau=(1.0, 0.2))
-    probs = torch.stack([m.probabilities() for m in model.modules() if isinstance(m, FlexAct)])
-    winner = candidates[int(probs.mean(0).argmax())]
-    for i in (1, 3):
-        model[i] = get_activation(winner)
-    fit(model, FINETUNE)
-    return winner
+    probabilities = mean_probabilities(model, candidates)
+    # Eval passes only (no steps, no random draws), so every rule can report them.
+    oneshot = oneshot_scores(model, ["1", "3"], candidates, lambda: ood_mse(model))
+    order = ranked(probabilities, maximize=True) if rule == "probability" else ranked(oneshot)
+    contenders, tuned = order[:top] if rule == "finetune" else order[:1], {}
+    for name in contenders:
+        committed = with_activation(model, name, ["1", "3"])  # a copy: shared weights stay
+        fit(committed, FINETUNE)
+        tuned[name] = ood_mse(committed)
+    return ranked(tuned)[0], STEPS + len(contenders) * FINETUNE, {
+        "probabilities": probabilities, "oneshot": oneshot}
 
 
 def ground_truth(space: SearchSpace, path: Path) -> dict[str, float]:
@@ -132,7 +152,8 @@ def features(names: list[str]) -> np.ndarray:
 
 
 def run_sampler(name: str, space: SearchSpace, truth: dict[str, float], seed: int,
-                trials: int, feats: np.ndarray, target: float) -> tuple[int | None, float]:
+                trials: int, feats: np.ndarray, target: float, rule: str = "probability",
+                top: int = 2) -> tuple[int | None, float]:
     """Steps spent until within ε of the best (None if never), and the best found."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=make_sampler(name, seed, False))
@@ -143,9 +164,17 @@ def run_sampler(name: str, space: SearchSpace, truth: dict[str, float], seed: in
         exprs = proposer.propose(study, trial)
         trial.set_user_attr("expressions", exprs)
         if len(exprs) > 1:
-            winner = tournament(exprs)
-            spent += STEPS + FINETUNE
+            winner, steps, record = tournament(exprs, rule, top)
+            spent += steps
             seen.update(exprs)
+            for best_one in (e for e in exprs if truth[e] <= target):  # why a tournament misses
+                ranks = {k: ranked(v, k == "probabilities").index(best_one) + 1
+                         for k, v in record.items()}
+                NOTES.append(f"seed {seed}: the best is a candidate of tournament trial "
+                             f"{trial.number} (after {spent} steps), rank "
+                             f"{ranks['probabilities']}/{len(exprs)} by probability and "
+                             f"{ranks['oneshot']}/{len(exprs)} by one-shot OOD MSE; {winner} "
+                             f"({truth[winner]:.3f}) wins")
         else:
             winner = exprs[0]
             spent += 0 if winner in seen else STEPS
@@ -169,6 +198,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--samplers", nargs="+",
                         default=["random", "tpe", "evolution", "surrogate", "tournament"])
+    parser.add_argument("--tournament_score", choices=TOURNAMENT_SCORES, default="probability",
+                        help="how a tournament trial picks its winner (flexact search's option)")
+    parser.add_argument("--tournament_top", type=int, default=2,
+                        help="candidates the finetune rule fine-tunes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     global STEPS, FINETUNE
@@ -188,28 +221,34 @@ def main() -> None:
           f"{truth[best_name]:.4f}); within ε: "
           f"{sum(truth[f] <= target for f in functions)} functions")
     print("baselines: " + ", ".join(f"{b} {truth[b]:.4f}" for b in BASELINES))
+    print(f"tournament: --tournament_score {args.tournament_score} (finetune: top "
+          f"{args.tournament_top})")
     feats = features(functions)
     print("| sampler | seeds reaching ε | steps to ε: median (min–max) | best OOD MSE found "
           "(median) |")
     print("|---|---|---|---|")
     medians = {}
     for sampler in args.samplers:
-        runs = [run_sampler(sampler, space, truth, s, args.trials, feats, target)
+        runs = [run_sampler(sampler, space, truth, s, args.trials, feats, target,
+                            args.tournament_score, args.tournament_top)
                 for s in range(args.seeds)]
         steps = [r for r, _ in runs if r is not None]
         medians[sampler] = float(np.median(steps)) if steps else math.inf
         spread = f"{np.median(steps):.0f} ({min(steps)}–{max(steps)})" if steps else "—"
         print(f"| {sampler} | {len(steps)}/{args.seeds} | {spread} | "
               f"{np.median([b for _, b in runs]):.4f} |", flush=True)
+    print("\n".join(NOTES))
     # The search's top 5 go back in as candidates (top.txt → candidates_file:); FlexAct picks
     # by the training (in-distribution) loss, so also try them beside the baselines.
     top = sorted(functions, key=truth.get)[:5]
     for candidates in (top, [*BASELINES, *top]):
-        pick = tournament(candidates)
+        pick = tournament(candidates)[0]
         print(f"FlexAct over {len(candidates)} candidates ({', '.join(candidates)}) picks "
               f"{pick}: OOD MSE {truth[pick]:.4f}")
     for sampler in [s for s in ("surrogate", "tournament") if s in medians]:
-        if math.isinf(medians.get("random", math.inf)):
+        if "random" not in medians:
+            print(f"{sampler} / random: random did not run (--samplers); see RESULTS.md")
+        elif math.isinf(medians["random"]):
             print(f"{sampler} / random: random never reached ε within the budget")
         else:
             print(f"{sampler} / random, median steps to ε: "

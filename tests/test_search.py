@@ -14,14 +14,18 @@ from wsgiref.util import setup_testing_defaults
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
+from torch import nn
 
-from flexact import FlexActSpec
+import flexact.search.objective as objective_module
+from flexact import FlexAct, FlexActSpec
 from flexact.cli.search import _drain_stale, open_storage
 from flexact.cli.search import main as search_main
 from flexact.nn.canonical import fingerprint
 from flexact.nn.expressions import ExpressionError
 from flexact.search.objective import SearchRun
+from flexact.search.oneshot import mean_probabilities, oneshot_scores, ranked
 from flexact.search.space import SearchSpace, grammar_mutator
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,6 +152,8 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
     (["--space", "bogus"], "unknown schema 'bogus'"),
     (["--unary", "sine"], "unknown unary operator 'sine'"),
     (["--objective", "both", "--sampler", "tpe"], "use --sampler nsga2 or random"),
+    (["--tournament_score", "best"], "argument --tournament_score: invalid choice: 'best'"),
+    (["--tournament_top", "9", "--k", "8"], "1 <= --tournament_top <= --k"),
 ])
 def test_bad_search_input_is_a_one_line_error(tmp_path: Path, extra: list[str], message: str,
                                               capsys: pytest.CaptureFixture) -> None:
@@ -298,3 +304,72 @@ def test_the_pruning_callback_stops_a_fit_the_pruner_rejects(tmp_path: Path) -> 
         run.evaluate(trial, ["sin(x)"])
     assert len(trial.reports) == 1 and trial.reports[0][1] == 0  # reported epoch 0, then stopped
     assert 0 < trial.user_attrs["steps"] < 5 * 4  # fewer steps than the 5 epochs of 4 batches
+
+
+def test_oneshot_scores_commit_each_candidate_with_shared_weights_and_restore() -> None:
+    model = nn.Sequential(nn.Linear(1, 1), FlexAct(candidates=["relu", "identity", "neg(x)"]))
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.zero_()
+        model[1].logits.copy_(torch.tensor([5.0, 0.0, 0.0]))  # relu is the most probable
+    layer, x = model[1], torch.linspace(-2, 2, 41).unsqueeze(1)
+
+    def mse() -> float:
+        return float(nn.functional.mse_loss(model(x), x))  # identity fits it exactly
+
+    probs = mean_probabilities(model, layer.candidate_names)
+    scores = oneshot_scores(model, ["1"], layer.candidate_names, mse)
+    assert ranked(probs, maximize=True)[0] == "relu"
+    assert ranked(scores) == ["identity", "relu", "neg(x)"] and scores["identity"] == 0.0
+    assert model[1] is layer  # the FlexAct layer is back, weights untouched
+
+    def broken() -> float:
+        raise RuntimeError("evaluation failed")
+
+    with pytest.raises(RuntimeError):
+        oneshot_scores(model, ["1"], ["tanh"], broken)
+    assert model[1] is layer
+    assert ranked({"a": float("nan"), "b": 2.0, "c": 1.0}) == ["c", "b", "a"]
+    assert ranked({"a": float("inf"), "b": 0.9, "c": 0.95}, maximize=True) == ["c", "b", "a"]
+
+
+class _Trial(_AlwaysPrune):
+    """A stand-in trial whose pruner never stops a fit."""
+
+    def should_prune(self) -> bool:
+        return False
+
+
+def test_a_oneshot_tournament_picks_the_best_validation_metric_not_the_most_probable(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real, seen = oneshot_scores, {}
+
+    def rigged(model, sites, candidates, evaluate):
+        # The least probable candidate gets the best validation metric.
+        seen["real"] = real(model, sites, candidates, evaluate)
+        seen["probs"] = probs = mean_probabilities(model, candidates)
+        least = min(candidates, key=probs.get)
+        return {c: 0.0 if c == least else 1.0 + seen["real"][c] for c in candidates}
+
+    monkeypatch.setattr(objective_module, "oneshot_scores", rigged)
+    run = SearchRun([f"--config={_config(tmp_path)}"], root=tmp_path / "trials",
+                    tournament_score="oneshot")
+    candidates = ["tanh", "identity", "sin(x)"]
+    result = run.evaluate(_Trial(), candidates)
+    probs = result["probabilities"]
+    assert result["winner"] == min(probs, key=probs.get) != max(probs, key=probs.get)
+    assert result["oneshot"][result["winner"]] == 0.0 and result["eval_passes"] == 3
+    assert all(v > 0 for v in seen["real"].values())  # real validation passes ran
+    assert result["steps"] == 2 * 4 + 4  # 2 shared epochs + 1 fine-tune epoch, 4 batches each
+
+
+def test_a_finetune_tournament_tunes_the_top_oneshot_candidates_and_counts_their_steps(
+        tmp_path: Path) -> None:
+    run = SearchRun([f"--config={_config(tmp_path)}"], root=tmp_path / "trials",
+                    tournament_score="finetune", top=2)
+    result = run.evaluate(_Trial(), ["tanh", "identity", "sin(x)"])
+    tuned, oneshot = result["finetuned"], result["oneshot"]
+    assert set(tuned) == set(ranked(oneshot)[:2]) and result["eval_passes"] == 3 + 2
+    assert result["winner"] == min(tuned, key=tuned.get)
+    assert result["scores"]["ood"] == pytest.approx(tuned[result["winner"]])  # it is kept
+    assert result["steps"] == 2 * 4 + 2 * 4

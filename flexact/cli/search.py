@@ -26,6 +26,7 @@ __all__ = ["main", "open_storage"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from flexact.search.oneshot import TOURNAMENT_SCORES
     from flexact.search.proposers import SAMPLERS
 
     p = argparse.ArgumentParser(
@@ -51,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--k", type=int, default=8, help="candidates per tournament trial")
     p.add_argument("--finetune_epochs", type=int, default=1, help="committed fine-tune "
                    "after a tournament")
+    p.add_argument("--tournament_score", choices=TOURNAMENT_SCORES, default="probability",
+                   help="how a tournament picks its winner: the highest mean selection "
+                   "probability (follows the training loss), the best validation metric of "
+                   "the network committed to each candidate with the shared weights "
+                   "(oneshot), or the best validation metric after fine-tuning the "
+                   "--tournament_top best one-shot candidates (finetune; their steps count)")
+    p.add_argument("--tournament_top", type=int, default=2, help="candidates the finetune "
+                   "rule fine-tunes")
     p.add_argument("--mutator", default=None, help="module:function proposing children "
                    "(evolution); default: the grammar's")
     p.add_argument("--out", type=Path, default=Path("search"), help="leaderboard, plot, top")
@@ -173,7 +182,7 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Any:
     proposer = make_proposer(args.sampler, space, args.seed, k=args.k,
                              mutator=_mutator(args.mutator), features=features)
     search = SearchRun(cli_args, args.metric, args.objective, args.finetune_epochs,
-                       args.out / "trials")
+                       args.out / "trials", args.tournament_score, args.tournament_top)
     # Failed trials do not count toward the total: a killed worker's re-queued trial still
     # runs. Each invocation runs at most `remaining` trials, so failures cannot loop forever.
     done = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -191,8 +200,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of ``flexact search``."""
     parser = build_parser()
     args, overrides = parser.parse_known_args(None if argv is None else list(argv))
-    if args.n_trials < 1 or args.k < 2 or args.top < 1 or args.finetune_epochs < 0:
-        parser.error("--n_trials and --top must be >= 1, --k >= 2, --finetune_epochs >= 0")
+    if args.n_trials < 1 or args.k < 2 or args.top < 1 or args.finetune_epochs < 0 \
+            or not 1 <= args.tournament_top <= args.k:
+        parser.error("--n_trials and --top must be >= 1, --k >= 2, --finetune_epochs >= 0, "
+                     "1 <= --tournament_top <= --k")
     try:
         run(args, overrides)
     except ConfigError as err:

@@ -3,14 +3,15 @@
 A single-expression trial puts the expression at every activation site
 (:func:`flexact.probe.sites.with_activation`), fits, and scores the validation split (the OOD
 region when the data module has one: docs/data.md) and the test split (in-distribution). A
-tournament trial puts one FlexAct layer over its k expressions at every site, fits, takes the
-candidate with the highest mean selection probability, commits every site to it and fine-tunes
-for ``finetune_epochs`` before scoring. :class:`PruningCallback` reports the monitored metric to
-Optuna after every validation and stops the fit when the pruner says so.
+tournament trial puts one FlexAct layer over its k expressions at every site, fits, picks a
+winner by ``tournament_score`` (:mod:`flexact.search.oneshot`), commits every site to it and
+fine-tunes for ``finetune_epochs`` before scoring. :class:`PruningCallback` reports the
+monitored metric to Optuna after every validation and stops the fit when the pruner says so.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -19,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from flexact.nn.layer import FlexAct, flexact_layers
+from flexact.nn.layer import FlexAct
 from flexact.nn.spec import FlexActSpec
 from flexact.probe.sites import activation_sites, with_activation
+from flexact.search.oneshot import mean_probabilities, oneshot_scores, ranked
 
 __all__ = ["PruningCallback", "SearchRun"]
 
@@ -59,6 +60,9 @@ class SearchRun:
         objective: ``ood`` (the validation metric), ``id`` (the test metric) or ``both``.
         finetune_epochs: Epochs of the committed fine-tune after a tournament.
         root: Folder of the trials' runs.
+        tournament_score: How a tournament picks its winner: ``probability``, ``oneshot`` or
+            ``finetune`` (:mod:`flexact.search.oneshot`).
+        top: Candidates the ``finetune`` rule fine-tunes (the best ``top`` by one-shot score).
     """
 
     cli_args: Sequence[str]
@@ -66,12 +70,22 @@ class SearchRun:
     objective: str = "ood"
     finetune_epochs: int = 1
     root: Path = field(default_factory=lambda: Path("search"))
+    tournament_score: str = "probability"
+    top: int = 2
+
+    @property
+    def maximize(self) -> bool:
+        """Whether a higher metric is better (accuracies)."""
+        return "acc" in self.metric
 
     def _cli(self, trial: optuna.Trial, extra: Sequence[str] = ()) -> Any:
         from flexact.cli.probe_engine import _instantiate
 
         return _instantiate([*self.cli_args, *extra,
                              f"--trainer.default_root_dir={self.root / str(trial.number)}"])
+
+    def _validate(self, trainer: Trainer, module: LightningModule, data: Any) -> float:
+        return float(trainer.validate(module, datamodule=data, verbose=False)[0][self.metric])
 
     def _scores(self, trainer: Trainer, module: LightningModule, data: Any) -> dict[str, float]:
         test_metric = "test_" + self.metric.removeprefix("val_")
@@ -85,7 +99,11 @@ class SearchRun:
             self.objective]
 
     def evaluate(self, trial: optuna.Trial, expressions: list[str]) -> dict[str, Any]:
-        """Train; return the scores, the winner, selection probabilities and steps spent.
+        """Train; return the scores, the winner, steps spent and a tournament's record.
+
+        A tournament's record: each candidate's selection probability, one-shot and fine-tuned
+        validation score (empty where the rule computes none) and ``eval_passes``, the
+        validation passes its scoring cost (no optimizer steps; not part of ``steps``).
 
         Raises:
             optuna.TrialPruned: If the pruner stopped the fit.
@@ -110,21 +128,50 @@ class SearchRun:
         if pruning.pruned:
             trial.set_user_attr("steps", steps)
             raise optuna.TrialPruned(f"pruned at epoch {cli.trainer.current_epoch}")
-        trainer, probabilities = cli.trainer, {}
+        trainer, tour = cli.trainer, {"probabilities": {}, "oneshot": {}, "finetuned": {}}
         winner = expressions[0]
         if len(expressions) > 1:
-            layers = [layer for _, layer in flexact_layers(module.model)]
-            mean = torch.stack([layer.probabilities().reshape(-1, len(expressions)).mean(0)
-                                for layer in layers]).mean(0)
-            probabilities = dict(zip(expressions, (float(p) for p in mean), strict=True))
-            winner = expressions[int(mean.argmax())]
-            with_activation(module.model, winner, sites, inplace=True)  # commit every site
-            tune = self._cli(trial, [f"--trainer.max_epochs={self.finetune_epochs}"])
-            tune.trainer.fit(module, datamodule=data)
-            steps += int(tune.trainer.global_step)
-            trainer = tune.trainer
+            winner, trainer, tour = self._tournament(trial, module, data, sites, expressions)
+            steps += tour.pop("steps")
         scores = self._scores(trainer, module, data)
         if not all(math.isfinite(v) for v in scores.values()):
             raise FloatingPointError(f"non-finite scores {scores}")
-        return {"scores": scores, "winner": winner, "probabilities": probabilities,
-                "steps": steps, "seconds": time.perf_counter() - start}
+        return {"scores": scores, "winner": winner, "steps": steps,
+                "seconds": time.perf_counter() - start, **tour}
+
+    def _tournament(self, trial: optuna.Trial, module: LightningModule, data: Any,
+                    sites: list[str], expressions: list[str]
+                    ) -> tuple[str, Trainer, dict[str, Any]]:
+        """Pick the winner, commit every site to it and fine-tune (module.model is replaced).
+
+        Returns the winner, the trainer that fine-tuned it, and the tournament's record:
+        probabilities, one-shot and fine-tuned validation scores, steps and eval passes.
+        """
+        tour: dict[str, Any] = {"probabilities": mean_probabilities(module.model, expressions),
+                                "oneshot": {}, "finetuned": {}, "steps": 0}
+        order = ranked(tour["probabilities"], maximize=True)
+        # Scoring passes validate without inference mode: tensors it creates (the metrics'
+        # states) could not be updated by the fine-tunes that follow.
+        judge: Trainer | None = None
+        if self.tournament_score != "probability":
+            judge = scorer = self._cli(trial, ["--trainer.inference_mode=false"]).trainer
+            tour["oneshot"] = oneshot_scores(module.model, sites, expressions,
+                                             lambda: self._validate(scorer, module, data))
+            order = ranked(tour["oneshot"], self.maximize)
+        contenders = order[:self.top] if self.tournament_score == "finetune" else order[:1]
+        shared = copy.deepcopy(module.model) if len(contenders) > 1 else module.model
+        tuned: dict[str, tuple[Any, Trainer]] = {}
+        for name in contenders:
+            # One contender commits in place; several each start from the shared weights.
+            module.model = with_activation(shared, name, sites, inplace=len(contenders) == 1)
+            tune = self._cli(trial, [f"--trainer.max_epochs={self.finetune_epochs}"])
+            tune.trainer.fit(module, datamodule=data)
+            tour["steps"] += int(tune.trainer.global_step)
+            tuned[name] = module.model, tune.trainer
+            if judge is not None and len(contenders) > 1:
+                tour["finetuned"][name] = self._validate(judge, module, data)
+        winner = ranked(tour["finetuned"], self.maximize)[0] if tour["finetuned"] \
+            else contenders[0]
+        module.model, trainer = tuned[winner]
+        tour["eval_passes"] = len(tour["oneshot"]) + len(tour["finetuned"])
+        return winner, trainer, tour

@@ -63,7 +63,9 @@ def make_objective(search: SearchRun, proposer: Proposer, sampler: str
             return float("nan")  # Optuna records the trial as failed
         trial.set_user_attr("winner", result["winner"])
         trial.set_user_attr("scores", result["scores"])
-        trial.set_user_attr("probabilities", result["probabilities"])
+        for key in ("probabilities", "oneshot", "finetuned"):
+            trial.set_user_attr(key, result[key])
+        trial.set_user_attr("eval_passes", result.get("eval_passes", 0))
         trial.set_user_attr("steps", result["steps"])
         trial.set_user_attr("seconds", round(result["seconds"], 2))
         return search.values(result["scores"])
