@@ -62,6 +62,7 @@ def test_only_the_logits_gradient_changes(granularity: str) -> None:
 
 
 def test_a_standardized_layer_trains_and_picks_the_truth() -> None:
+    """The standardized gradient still points the logits the right way (a flipped sign fails)."""
     torch.manual_seed(0)
     x = torch.randn(2048, 4)
     y = torch.sigmoid(5 * x[:, :1])

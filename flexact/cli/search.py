@@ -160,8 +160,10 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Any:
 
     task = ProbeTask.from_cli(cli_args, args.seed)  # checks the config has activation sites
     storage = open_storage(args.storage, args.heartbeat)
+    search = SearchRun(cli_args, args.metric, args.objective, args.finetune_epochs,
+                       args.out / "trials", args.tournament_score, args.tournament_top)
     directions = ["minimize", "minimize"] if args.objective == "both" else [
-        "maximize" if "acc" in args.metric else "minimize"]
+        "maximize" if search.maximize else "minimize"]
     settings = {"space": args.space, "unary": space.unary, "binary": space.binary,
                 "objective": args.objective, "metric": args.metric}
     study = optuna.create_study(study_name=args.study, storage=storage, load_if_exists=True,
@@ -181,8 +183,6 @@ def run(args: argparse.Namespace, overrides: list[str]) -> Any:
         features = lambda names: space_features(task, names)  # noqa: E731
     proposer = make_proposer(args.sampler, space, args.seed, k=args.k,
                              mutator=_mutator(args.mutator), features=features)
-    search = SearchRun(cli_args, args.metric, args.objective, args.finetune_epochs,
-                       args.out / "trials", args.tournament_score, args.tournament_top)
     # Failed trials do not count toward the total: a killed worker's re-queued trial still
     # runs. Each invocation runs at most `remaining` trials, so failures cannot loop forever.
     done = (TrialState.COMPLETE, TrialState.PRUNED)

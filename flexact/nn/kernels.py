@@ -237,6 +237,9 @@ def closed_form_mixture(
             (``(p,)``, or ``(C, p)`` per channel); ``None`` for an input without a batch
             dimension (``x.dim() < 2``).
 
+    Inputs of at most :data:`SMALL_INPUT` elements that need no ḡ are mixed with plain autograd
+    ops (same values and gradients, fewer dispatches).
+
     Returns:
         ``(output, ḡ or None)``, or ``None`` when the general path must be taken.
     """
@@ -247,8 +250,8 @@ def closed_form_mixture(
     if x.numel() <= SMALL_INPUT and not want_norms and save_dtype is None:
         # Tiny inputs (heads, small MLPs): a handful of dispatched ops cost less than the
         # custom function's bookkeeping, and the saved outputs are a few kilobytes.
-        out = sum(c(x) * _column(weights, j, x, channel_dim) for j, c in enumerate(candidates))
-        return out, None  # type: ignore[return-value]
+        terms = [c(x) * _column(weights, j, x, channel_dim) for j, c in enumerate(candidates)]
+        return torch.stack(terms).sum(0) if len(terms) > 1 else terms[0], None
     coefficients, squares, used = _constants(rows, x.device, _accumulation_dtype(weights))
     out, norms = _ClosedFormMixture.apply(
         x, weights, coefficients, squares, used, channel_dim, save_dtype, want_norms

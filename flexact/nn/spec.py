@@ -59,7 +59,8 @@ class FlexActSpec:
             comments), e.g. the ``top.txt`` of ``flexact search``; replaces ``candidates``.
         selection_gradient: ``raw``: the logits' gradient of the plain mixture; ``standardized``:
             taken against each candidate's output standardized over the batch, so that a
-            candidate's scale and offset do not decide its pick (docs/method.md §5).
+            candidate's scale and offset do not decide its pick (docs/method.md §5); it evaluates
+            every candidate once more per training forward and skips the batch-norm fusion.
     """
 
     candidates: Sequence[str] = PAPER_CANDIDATES

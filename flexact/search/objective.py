@@ -89,9 +89,8 @@ class SearchRun:
 
     def _scores(self, trainer: Trainer, module: LightningModule, data: Any) -> dict[str, float]:
         test_metric = "test_" + self.metric.removeprefix("val_")
-        ood = trainer.validate(module, datamodule=data, verbose=False)[0][self.metric]
         ind = trainer.test(module, datamodule=data, verbose=False)[0][test_metric]
-        return {"ood": float(ood), "id": float(ind)}
+        return {"ood": self._validate(trainer, module, data), "id": float(ind)}
 
     def values(self, scores: dict[str, float]) -> float | list[float]:
         """What the trial returns to Optuna."""
