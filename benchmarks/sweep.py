@@ -93,6 +93,7 @@ from results import write_section  # sibling scripts, not a package
 
 CANDIDATES = ["relu", "sigmoid", "tanh", "leaky_relu", "identity"]  # the paper's five
 HEAD = "head:"  # sweep members with the activation in the head only (the backbone keeps ReLU)
+HEAD_LABEL = " (head only)"  # suffix of the task name in the head-only sweep's rows and cells
 KL_LAMBDA = 0.3
 DECISIVE = 0.9  # a layer is decisive when its top selection probability is at least this
 NOISE_FACTOR = 2.0  # within noise: |sweep mean(pick) − sweep mean(best)| ≤ 2 × std(best)
@@ -461,15 +462,14 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
         sweeps: dict[str, dict[str, Any]] = {}  # scope ("" everywhere, "head:") → its sweep
         for scope in ([""] + ([HEAD] if task.has_sites else [])):
             members = [r for r in runs if r["task"] == name and r["activation"] is not None
-                       and r["activation"].startswith(scope)
-                       and (scope or not r["activation"].startswith(HEAD))]
+                       and r["activation"].startswith(HEAD) == bool(scope)]
             stats = {a: _mean_std([r["metric"] for r in members if r["activation"] == scope + a])
                      for a in CANDIDATES}
             best = max(CANDIDATES, key=lambda a: sign * stats[a][0])
             per_seed = [max((r for r in members if r["seed"] == seed),
                             key=lambda r: sign * r["metric"])["activation"].removeprefix(scope)
                         for seed in seeds]
-            label = name + (" (head only)" if scope else "")
+            label = name + (HEAD_LABEL if scope else "")
             sweep_lines.append(
                 f"| {label} | {task.metric_name} | "
                 + " | ".join(("**{}**" if a == best else "{}").format(
@@ -500,7 +500,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             wall = flex_seconds / sum(sweep_seconds[r["seed"]] for r in flex)
             steps = flex_steps / sum(sweep_steps[r["seed"]] for r in flex)
             cells.append({
-                "task": name + (" (head only)" if task.reference(variant) else ""),
+                "task": name + (HEAD_LABEL if task.reference(variant) else ""),
                 "flexact": variant.name, "picks": picks, "head_picks": head_picks,
                 "hidden": {p: c / sum(hidden.values()) for p, c in hidden.most_common()},
                 "decisive": sum(x["top"] >= DECISIVE for x in layers) / len(layers),
@@ -522,7 +522,7 @@ def summarize(runs: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
               "Δ vs best", "wall FlexAct / sweep", "steps FlexAct / sweep", "s/step ratio"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for cell in cells:
-        task = TASKS[cell["task"].removesuffix(" (head only)")]
+        task = TASKS[cell["task"].removesuffix(HEAD_LABEL)]
         pick = ", ".join(cell["head_picks"])
         if cell["hidden"]:
             pick += "; hidden: " + ", ".join(f"{p} {100 * f:.0f} %"
