@@ -182,3 +182,30 @@ def test_search_benchmark_smoke() -> None:
     assert "exhaustive best" in out
     for sampler in ("random", "tpe", "evolution", "surrogate", "tournament"):
         assert f"| {sampler} | " in out
+
+
+def test_search_ground_truth_keeps_runs_per_seed_and_reads_old_caches(tmp_path: Path) -> None:
+    """An old cache (one number per function) is its seed-0 run; missing seeds are trained."""
+    import json
+
+    search = _load("search")
+    search.STEPS = 5
+    space = search.SearchSpace("binary_unary", ["identity", "sin"], ["add"])
+    path = tmp_path / "cache.json"
+    names = space.functions() + search.BASELINES
+    path.write_text(json.dumps({n: 123.0 for n in names}))
+    runs = search.ground_truth(space, path, seeds=2)
+    assert all(r[0] == 123.0 and len(r) == 2 for r in runs.values())
+    assert runs["add(sin(x),x)"][1] == search.train_one("add(sin(x),x)", 1)  # seed 1 is a real run
+    assert json.loads(path.read_text())["relu"] == runs["relu"]
+
+
+def test_search_target_is_relative_or_the_best_means_noise() -> None:
+    search = _load("search")
+    truth = {"a": 1.0, "b": 2.0}
+    runs = {"a": [0.5, 1.5], "b": [2.0, 2.0]}
+    assert search.target_of(truth, runs, ["a", "b"], 0.05) == pytest.approx(1.05)
+    # noise: the best's mean plus two standard errors (std 0.7071 over √2 runs)
+    assert search.target_of(truth, runs, ["a", "b"], None) == pytest.approx(2.0)
+    with pytest.raises(SystemExit, match="truth_seeds"):
+        search.target_of(truth, {"a": [1.0], "b": [2.0]}, ["a", "b"], None)
