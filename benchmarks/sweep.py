@@ -110,25 +110,13 @@ class Variant:
     everywhere: bool = False
     regularize_backbone: bool = True
     kl_reduction: str = "mean"
-    selection_lr_scale: float = 10.0  # the logits' learning rate over the weights'
+    # None: the module's default for the run's mode (head only or everywhere)
+    selection_lr_scale: float | None = 10.0  # the logits' learning rate over the weights'
     hard: bool = False  # straight-through one-hot samples (GDAS-style)
-    select_after: float = 0.0  # logits frozen (uniform mixture) for this fraction of the run
-    shared: bool = False  # one selection for every layer (share_selection)
+    select_after: float | None = 0.0  # selection_warmup: logits fixed for this fraction
+    shared: bool | None = False  # one selection for every layer (share_selection)
     selection_lr: float | None = None  # the logits' own learning rate (replaces the scale)
     standardized: bool = False  # selection_gradient="standardized" (equal footing)
-
-
-class _FreezeLogits(L.Callback):
-    """Experimental: no selection-logit updates before ``fraction`` of the run."""
-
-    def __init__(self, fraction: float) -> None:
-        self.fraction = fraction
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
-                                 optimizer: Any) -> None:
-        if trainer.global_step < self.fraction * trainer.estimated_stepping_batches:
-            for _, layer in named_layers(pl_module):
-                layer.logits.grad = None
 
 
 HEAD_VARIANTS = [
@@ -136,11 +124,14 @@ HEAD_VARIANTS = [
     Variant("head, α=0, selection lr ×1", 0.0, selection_lr_scale=1.0),
     Variant("head, α=0.3, selection lr ×10", 0.3),
     Variant("head, α=0.1, selection lr ×10", 0.1),
-    Variant("head, α=0, selection lr ×10 (flexact's default)", 0.0),
+    Variant("head, α=0, selection lr ×10 (flexact's default)", 0.0, selection_lr_scale=None,
+            select_after=None),
     Variant("head, α=0, selection lr ×5", 0.0, selection_lr_scale=5.0),
     Variant("head, α=0, selection lr ×30", 0.0, selection_lr_scale=30.0),
     Variant("head, α=0, hard, selection lr ×10", 0.0, hard=True),
     Variant("head, α=0, selection lr ×30 after 30 %", 0.0, selection_lr_scale=30.0,
+            select_after=0.3),
+    Variant("head, α=0, selection lr ×100 after 30 %", 0.0, selection_lr_scale=100.0,
             select_after=0.3),
     Variant("head, α=0, selection lr 0.1", 0.0, selection_lr=0.1),
     Variant("head, α=0, selection lr 0.3", 0.0, selection_lr=0.3),
@@ -157,7 +148,13 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, α=0, selection lr ×1", 0.0, everywhere=True, selection_lr_scale=1.0),
     Variant("everywhere, α=0.3 on the head only, selection lr ×10", 0.3, everywhere=True,
             regularize_backbone=False, kl_reduction="sum"),
-    Variant("everywhere, α=0, selection lr ×10 (flexact's default)", 0.0, everywhere=True),
+    Variant("everywhere, α=0, selection lr ×10 (the earlier default)", 0.0, everywhere=True),
+    Variant("everywhere, shared, α=0, selection lr ×100 after 30 % (flexact's default)", 0.0,
+            everywhere=True, shared=None, selection_lr_scale=None, select_after=None),
+    Variant("everywhere, α=0, selection lr ×100 after 30 %", 0.0, everywhere=True,
+            selection_lr_scale=100.0, select_after=0.3),
+    Variant("everywhere, shared, α=0, selection lr ×30 after 30 %", 0.0, everywhere=True,
+            shared=True, selection_lr_scale=30.0, select_after=0.3),
     Variant("everywhere, α=0, selection lr ×30", 0.0, everywhere=True, selection_lr_scale=30.0),
     Variant("everywhere, α=0, hard, selection lr ×10", 0.0, everywhere=True, hard=True),
     Variant("everywhere, α=0, selection lr ×30 after 30 %", 0.0, everywhere=True,
@@ -177,8 +174,9 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, shared, α=0, standardized, selection lr 0.1", 0.0, everywhere=True,
             shared=True, standardized=True, selection_lr=0.1),
 ]
-SMOKE_VARIANTS = {HEAD_VARIANTS[0].name, HEAD_VARIANTS[4].name, EVERYWHERE_VARIANTS[0].name,
-                  EVERYWHERE_VARIANTS[4].name}  # the paper's and flexact's defaults
+SMOKE_VARIANTS = {HEAD_VARIANTS[0].name, EVERYWHERE_VARIANTS[0].name, *(
+    v.name for v in HEAD_VARIANTS + EVERYWHERE_VARIANTS if "(flexact's default)" in v.name)}
+"""The paper's and flexact's defaults."""
 
 
 @dataclass
@@ -226,6 +224,7 @@ class Task:
                         "selection_gradient": "standardized" if variant is not None
                         and variant.standardized else "raw"},
             "alpha": 0.0 if variant is None else variant.alpha,
+            "selection_warmup": 0.0 if variant is None else variant.select_after,
             "selection_lr_scale": 1.0 if variant is None else (
                 variant.selection_lr_scale if variant.selection_lr is None
                 else variant.selection_lr / self.lr),
@@ -237,7 +236,7 @@ class Task:
             return _fix(module, activation)
         everywhere = variant is not None and variant.everywhere
         common.update(swap_backbone=everywhere,
-                      share_selection=variant is not None and variant.shared,
+                      share_selection=False if variant is None else variant.shared,
                       kl_reduction="mean" if variant is None else variant.kl_reduction,
                       regularize_backbone=variant is None or variant.regularize_backbone)
         # head-only FlexAct and the head sweep: the backbone keeps its ReLU
@@ -348,8 +347,6 @@ def fit_one(task: Task, seed: int, epochs: int, smoke: bool, activation: str | N
     if variant is not None:
         commit = SelectionCommit(**COMMIT)
         callbacks.append(commit)
-        if variant.select_after:
-            callbacks.append(_FreezeLogits(variant.select_after))
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=callbacks)

@@ -26,6 +26,8 @@ def _module() -> FlexActRegressor:
     backbone = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
     return FlexActRegressor(backbone=backbone, hidden_features=3, flexact=SETTLED,
                             swap_backbone=True, backbone_flexact={},
+                            # each layer on its own, from the first step: per-layer commits
+                            share_selection=False, selection_warmup=0.0, selection_lr_scale=10.0,
                             optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
 
 
@@ -159,6 +161,8 @@ model:
     backbone: {{class_path: flexact.backbones.MLP, init_args: {{in_features: 4, hidden: [6]}}}}
     hidden_features: 3
     swap_backbone: true
+    share_selection: false  # each layer on its own, from the first step: per-layer commits
+    selection_warmup: 0.0
     backbone_flexact: {{}}
     flexact: {{prior: {SETTLED["prior"]}}}
 """)

@@ -175,6 +175,12 @@ class SelectionCommit(Callback):
         self.committed = everything
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        warmup = getattr(getattr(pl_module, "selection", None), "warmup", 0.0)
+        if self.at <= warmup:  # every layer would commit before its logits ever moved
+            raise ConfigError(
+                f"SelectionCommit commits at {self.at:g} of the run, but the selection logits "
+                f"are held fixed until {warmup:g} (the model's selection_warmup): set "
+                f"SelectionCommit at above {warmup:g}, or a smaller selection_warmup")
         self._apply(trainer, pl_module, start=True)
 
     def on_train_batch_start(

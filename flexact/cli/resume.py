@@ -44,7 +44,8 @@ SAFE_TO_CHANGE = (
 """Model settings (``model.init_args.…``) that may differ from the checkpoint's on resume: the
 run goes on with the configured value, with a warning. Any other difference is an error."""
 
-_TRAINING_ONLY = ("optimizer.", "lr_scheduler.", "selection_weight_decay", "selection_lr_scale")
+_TRAINING_ONLY = ("optimizer.", "lr_scheduler.", "selection_weight_decay", "selection_lr_scale",
+                  "selection_warmup")
 _MISSING = object()
 
 

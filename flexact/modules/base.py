@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from pathlib import Path
-from typing import IO, Any, Literal
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -15,16 +14,16 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 
 from flexact.errors import ConfigError
-from flexact.modules.hparams import migrate_state_dict, migrated_file, unsaved_argument_names
+from flexact.modules.hparams import MigratedCheckpoints, unsaved_argument_names
+from flexact.modules.selection import freeze_selection_logits, resolve_selection
 from flexact.modules.sizing import materialize_from_data
 from flexact.nn import FlexActNetwork, FlexActSpec, flexact_layers, selection_kl
 from flexact.nn.params import parameter_groups, scale_selection_lr, unused_selection_parameters
-from flexact.nn.surgery import share_selection as tie_selections
 
 __all__ = ["FlexActModule"]
 
 
-class FlexActModule(L.LightningModule):
+class FlexActModule(MigratedCheckpoints, L.LightningModule):
     """Base LightningModule: a :class:`~flexact.FlexActNetwork` as ``self.model``; task + α·KL.
 
     ``self.model`` is a plain ``nn.Module`` (backbone → FlexAct head): train it here, export it
@@ -53,8 +52,9 @@ class FlexActModule(L.LightningModule):
         lr_scheduler: Optional scheduler factory called with the optimizer.
         selection_weight_decay: Decay selection logits and activation shapes too (off: decay
             pulls picks to uniform).
-        selection_lr_scale: The selection logits' learning rate over the optimizer's (the
-            paper: 1, where picks end near uniform; docs/method.md, "Selection learning rate").
+        selection_lr_scale: The selection logits' learning rate over the optimizer's; default
+            10 for a FlexAct head, 100 with ``swap_backbone`` (the paper: 1, where picks end
+            near uniform; docs/method.md §5).
         example_input_shape: One input sample's shape, for a dry run of the backbone.
         swap_backbone: Also replace every activation module of the backbone by a FlexAct layer
             (FlexAct at every layer, beyond the paper's head).
@@ -69,7 +69,11 @@ class FlexActModule(L.LightningModule):
         regularize_backbone: Apply the KL to FlexAct layers inside the backbone too; false
             keeps it on the head, as in the paper (in hidden layers it pulls toward Sigmoid).
         share_selection: All FlexAct layers (head and swapped sites) share one set of logits:
-            one activation for the whole network, the question a sweep answers.
+            one activation for the whole network, the question a sweep answers; default on with
+            ``swap_backbone`` (where the layers have the same candidates, per layer).
+        selection_warmup: Fraction of training during which the selection logits stay fixed
+            while the weights train; default 0 for a head, 0.3 with ``swap_backbone`` (layers
+            that select from the first step drift to Identity; docs/method.md §5).
 
     The ``flexact`` command adds FiniteGuard and RNGState callbacks; a plain Trainer needs them.
     """
@@ -91,7 +95,7 @@ class FlexActModule(L.LightningModule):
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         selection_weight_decay: bool = False,
-        selection_lr_scale: PositiveFloat = 10.0,
+        selection_lr_scale: PositiveFloat | None = None,
         example_input_shape: Sequence[PositiveInt] | None = None,
         swap_backbone: bool = False,
         backbone_flexact: FlexActSpec | None = None,
@@ -101,7 +105,8 @@ class FlexActModule(L.LightningModule):
         compile_backend: str = "inductor",
         channels_last: bool = False,
         regularize_backbone: bool = True,
-        share_selection: bool = False,
+        share_selection: bool | None = None,
+        selection_warmup: NonNegativeFloat | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=unsaved_argument_names(inspect.currentframe()))
@@ -131,8 +136,9 @@ class FlexActModule(L.LightningModule):
             self.model = FlexActNetwork(backbone, head)
         if channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        if share_selection:
-            tie_selections(self.model)
+        self.selection = resolve_selection(self.model, swap_backbone, selection_lr_scale,
+                                           share_selection, selection_warmup)
+        self.hparams.update(self.selection.as_hparams())  # the values used, as saved
         self.configure_losses()
         self.configure_metrics()
         for name, layer in flexact_layers(self.model):
@@ -223,6 +229,11 @@ class FlexActModule(L.LightningModule):
             metric.compute()  # all ranks at one point; Lightning's compute() reads the cached value
             self.log(name, metric)
 
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """No selection-logit update during ``selection_warmup`` (overrides: call super())."""
+        freeze_selection_logits(self.model, self.trainer.global_step,
+                                self.trainer.estimated_stepping_batches, self.selection.warmup)
+
     def on_after_backward(self) -> None:
         """Drop the zero gradients of parameters that only took part to satisfy DDP."""
         for param in self._anchored:
@@ -233,17 +244,6 @@ class FlexActModule(L.LightningModule):
         """Size a lazily sized head from one batch of the data module (before DDP wraps it)."""
         if isinstance(self.model, FlexActNetwork):
             materialize_from_data(self.model, self.trainer.datamodule, self.device)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Migrate the state dict of a checkpoint written before ``self.model`` existed."""
-        migrate_state_dict(checkpoint.get("state_dict", {}))
-
-    @classmethod
-    def load_from_checkpoint(  # type: ignore[override]
-        cls, checkpoint_path: str | Path | IO[bytes], *args: Any, **kwargs: Any
-    ) -> Any:
-        """Lightning's ``load_from_checkpoint``, for checkpoints of every flexact version."""
-        return super().load_from_checkpoint(migrated_file(checkpoint_path), *args, **kwargs)
 
     def regularizer(self) -> Tensor | None:
         """The term added to the training loss: α·Σ KL(p̃ ‖ p) over every FlexAct layer.
@@ -290,7 +290,7 @@ class FlexActModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """Build the injected optimizer (and scheduler, stepped per epoch)."""
         optimizer = self.optimizer_factory(self.parameter_groups())
-        scale_selection_lr(optimizer, self.hparams.get("selection_lr_scale", 1.0))  # pre-scheduler
+        scale_selection_lr(optimizer, self.selection.lr_scale)  # before the scheduler
         if self.scheduler_factory is None:
             return optimizer
         scheduler = self.scheduler_factory(optimizer)

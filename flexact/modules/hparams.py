@@ -4,7 +4,9 @@ Checkpoints written before ``FlexActSpec`` and ``FlexActModule.model`` keep load
 Until flexact 0.1 the module took the FlexAct settings as flat arguments (``candidates``,
 ``tau``, ``kl_lambda`` …) and held ``backbone`` and ``head`` itself. Such checkpoints are
 migrated when they are read: the flat hyper-parameters move into ``flexact: {…}`` and the
-state-dict keys gain the ``model.`` prefix. Nothing is written back to the file.
+state-dict keys gain the ``model.`` prefix. Settings whose default changed since a checkpoint
+was written get the default it was trained with (:data:`EARLIER_DEFAULTS`). Nothing is written
+back to the file.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ try:  # Set by LightningCLI while it instantiates: then hparams hold configs, no
 except ImportError:  # pragma: no cover - older or newer Lightning without the context variable
     _given_hyperparameters = None
 
-__all__ = ["LEGACY_SPEC_KEYS", "migrate_hparams", "migrate_state_dict", "migrated_file",
-           "unsaved_argument_names"]
+__all__ = ["EARLIER_DEFAULTS", "LEGACY_SPEC_KEYS", "MigratedCheckpoints", "migrate_hparams",
+           "migrate_state_dict", "migrated_file", "unsaved_argument_names"]
 
 LEGACY_SPEC_KEYS = ("candidates", "tau", "hard", "granularity", "eval_mode", "prior",
                     "kl_lambda", "mode")
 """Hyper-parameters that were flat module arguments and are now fields of ``flexact``."""
+
+EARLIER_DEFAULTS = {"share_selection": False, "selection_warmup": 0.0}
+"""Module settings a checkpoint may lack, and the value it was trained with: both became
+``None`` (a default that depends on ``swap_backbone``) after flexact 0.2."""
 
 _MODEL_PARTS = ("backbone.", "head.")
 
@@ -40,9 +46,12 @@ def migrate_hparams(hparams: MutableMapping[str, Any]) -> bool:
     Returns:
         Whether anything changed.
     """
+    earlier = {k: v for k, v in EARLIER_DEFAULTS.items()
+               if "swap_backbone" in hparams and k not in hparams}  # a FlexActModule's
+    hparams.update(earlier)
     legacy = {k: hparams.pop(k) for k in LEGACY_SPEC_KEYS if k in hparams}
     if not legacy:
-        return False
+        return bool(earlier)
     spec = dict(hparams.get("flexact") or {})
     spec.update(legacy)
     hparams["flexact"] = spec
@@ -89,3 +98,19 @@ def unsaved_argument_names(frame: Any) -> list[str]:
         init_args.update(local_args)
     return [name for name, value in init_args.items()
             if isinstance(value, nn.Module) or callable(value)]
+
+
+class MigratedCheckpoints:
+    """LightningModule mixin: checkpoints of every flexact version load, migrated when read."""
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Migrate the state dict of a checkpoint written before ``self.model`` existed."""
+        migrate_state_dict(checkpoint.get("state_dict", {}))
+
+    @classmethod
+    def load_from_checkpoint(
+        cls, checkpoint_path: str | Path | IO[bytes], *args: Any, **kwargs: Any
+    ) -> Any:
+        """Lightning's ``load_from_checkpoint``, for checkpoints of every flexact version."""
+        return super().load_from_checkpoint(  # type: ignore[misc]
+            migrated_file(checkpoint_path), *args, **kwargs)

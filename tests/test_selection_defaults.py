@@ -1,0 +1,129 @@
+"""How selection logits learn: head-only and everywhere defaults, warm-up, old checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+
+from flexact import ConfigError
+from flexact.datamodules import SyntheticDataModule
+from flexact.modules import FlexActRegressor
+from flexact.modules.hparams import migrate_hparams
+from flexact.modules.selection import EVERYWHERE, HEAD_ONLY
+from flexact.nn import flexact_layers
+
+
+def _module(**kwargs: object) -> FlexActRegressor:
+    backbone = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
+    return FlexActRegressor(backbone=backbone, hidden_features=4,
+                            optimizer=lambda p: torch.optim.Adam(p, lr=0.01), **kwargs)
+
+
+def _logits(module: FlexActRegressor) -> list[nn.Parameter]:
+    return [layer.logits for _, layer in flexact_layers(module.model)]
+
+
+def test_head_only_and_everywhere_get_their_own_defaults() -> None:
+    head = _module()
+    assert (head.selection.lr_scale, head.selection.share, head.selection.warmup) == (
+        HEAD_ONLY.lr_scale, HEAD_ONLY.share, HEAD_ONLY.warmup) == (10.0, False, 0.0)
+    everywhere = _module(swap_backbone=True)
+    assert everywhere.selection == EVERYWHERE
+    assert (EVERYWHERE.lr_scale, EVERYWHERE.share, EVERYWHERE.warmup) == (100.0, True, 0.3)
+    logits = _logits(everywhere)
+    assert len(logits) == 3 and all(p is logits[0] for p in logits)  # one selection
+    # The values used are the saved hyper-parameters (a checkpoint rebuilds the same module).
+    assert {k: everywhere.hparams[k] for k in ("selection_lr_scale", "share_selection",
+                                               "selection_warmup")} == EVERYWHERE.as_hparams()
+    groups = everywhere.configure_optimizers().param_groups
+    assert [g["lr"] for g in groups if any(p is logits[0] for p in g["params"])] == [
+        pytest.approx(1.0)]  # 100 × 0.01
+    # Given values win over the mode's defaults.
+    mine = _module(swap_backbone=True, share_selection=False, selection_warmup=0.0,
+                   selection_lr_scale=5.0)
+    assert (mine.selection.lr_scale, mine.selection.share, mine.selection.warmup) == (
+        5.0, False, 0.0)
+    assert len({id(p) for p in _logits(mine)}) == 3
+
+
+def test_everywhere_shares_only_where_the_layers_can() -> None:
+    # The backbone's sites select among other candidates than the head's: nothing to share.
+    mixed = _module(swap_backbone=True, backbone_flexact={"candidates": ["relu", "tanh"]})
+    assert not mixed.selection.share and len({id(p) for p in _logits(mixed)}) == 3
+    with pytest.raises(ConfigError, match="same candidates"):
+        _module(swap_backbone=True, backbone_flexact={"candidates": ["relu", "tanh"]},
+                share_selection=True)
+
+
+@pytest.mark.parametrize("warmup", [1.0, 1.5, -0.1])
+def test_a_warmup_outside_zero_one_is_refused(warmup: float) -> None:
+    with pytest.raises(ConfigError, match=r"selection_warmup must be in \[0, 1\)"):
+        _module(selection_warmup=warmup)
+
+
+class _Record(L.Callback):
+    """The shared logits and the first weight after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.logits: list[torch.Tensor] = []
+        self.weights: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
+                           ) -> None:
+        self.logits.append(_logits(pl_module)[0].detach().clone())  # type: ignore[arg-type]
+        self.weights.append(next(pl_module.parameters()).detach().clone())
+
+
+def test_the_logits_stay_fixed_during_the_warmup_and_learn_after(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    module = _module(swap_backbone=True, selection_warmup=0.5)
+    start = _logits(module)[0].detach().clone()
+    record = _Record()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=[record])
+    trainer.fit(module, SyntheticDataModule(n_train=160, batch_size=16))  # 20 steps
+    assert len(record.logits) == 20
+    frozen, learning = record.logits[:10], record.logits[10:]
+    assert all(torch.equal(x, start) for x in frozen)  # untouched for the first 50 %
+    assert not torch.equal(learning[0], frozen[-1])  # the first step after the warm-up moves
+    # The weights train from the first step on.
+    assert not torch.equal(record.weights[0], record.weights[1])
+
+
+def test_a_warmup_needs_a_run_of_finite_length(tmp_path: Path) -> None:
+    module = _module(swap_backbone=True)
+    trainer = L.Trainer(max_epochs=-1, max_steps=-1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match="no finite length"):
+        trainer.fit(module, SyntheticDataModule(n_train=32, batch_size=16))
+
+
+def test_a_commit_before_the_warmup_ends_is_refused(tmp_path: Path) -> None:
+    from flexact.callbacks import SelectionCommit
+
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[SelectionCommit(at=0.3)])
+    with pytest.raises(ConfigError, match="held fixed until 0.3"):
+        trainer.fit(_module(swap_backbone=True), SyntheticDataModule(n_train=32, batch_size=16))
+
+
+def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
+    # Written before the everywhere defaults: per-layer selection from the first step.
+    old = {"swap_backbone": True, "selection_lr_scale": 10.0, "flexact": {}}
+    assert migrate_hparams(old)
+    assert old["share_selection"] is False and old["selection_warmup"] == 0.0
+    assert not migrate_hparams(old)  # once migrated, nothing more to do
+    module = _module(**{k: v for k, v in old.items() if k != "flexact"})
+    assert not module.selection.share and module.selection.warmup == 0.0
+    # Hyper-parameters of something else than a FlexActModule are left alone.
+    other = {"lr": 0.1}
+    assert not migrate_hparams(other) and other == {"lr": 0.1}
