@@ -127,3 +127,28 @@ def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
     # Hyper-parameters of something else than a FlexActModule are left alone.
     other = {"lr": 0.1}
     assert not migrate_hparams(other) and other == {"lr": 0.1}
+
+
+def test_a_run_resumed_inside_the_warmup_ends_as_the_uninterrupted_one(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from flexact.callbacks import RNGState
+
+    def fit(root: Path, extra: list[L.Callback], ckpt: Path | None = None) -> FlexActRegressor:
+        L.seed_everything(0)
+        module = _module(swap_backbone=True, selection_warmup=0.5)
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, default_root_dir=root,
+                            callbacks=[RNGState(), *extra])
+        trainer.fit(module, SyntheticDataModule(n_train=160, batch_size=16), ckpt_path=ckpt)
+        return module
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}",
+                            every_n_train_steps=6, save_top_k=-1)
+    full = fit(tmp_path / "full", [saver])
+    resumed = fit(tmp_path / "resumed", [], tmp_path / "ckpt" / "step=6.ckpt")  # warm-up: 10
+    tensors = {k: v for k, v in full.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert any(k.endswith("logits") for k in tensors)
+    for key, value in tensors.items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
