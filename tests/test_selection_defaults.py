@@ -112,7 +112,7 @@ def test_a_commit_before_the_warmup_ends_is_refused(tmp_path: Path) -> None:
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path, callbacks=[SelectionCommit(at=0.3)])
-    with pytest.raises(ConfigError, match="held fixed until 0.3"):
+    with pytest.raises(ConfigError, match=r"held fixed until 0\.3"):
         trainer.fit(_module(swap_backbone=True), SyntheticDataModule(n_train=32, batch_size=16))
 
 
