@@ -174,13 +174,21 @@ class SelectionCommit(Callback):
             self.committed_at = position
         self.committed = everything
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def check_warmup(self, pl_module: L.LightningModule) -> None:
+        """Refuse a model whose selection warm-up lasts past this callback's latest commit.
+
+        Raises:
+            ConfigError: If every layer would commit before its logits ever moved.
+        """
         warmup = getattr(getattr(pl_module, "selection", None), "warmup", 0.0)
-        if self.at <= warmup:  # every layer would commit before its logits ever moved
+        if self.at <= warmup:
             raise ConfigError(
                 f"SelectionCommit commits at {self.at:g} of the run, but the selection logits "
                 f"are held fixed until {warmup:g} (the model's selection_warmup): set "
                 f"SelectionCommit at above {warmup:g}, or a smaller selection_warmup")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.check_warmup(pl_module)
         self._apply(trainer, pl_module, start=True)
 
     def on_train_batch_start(

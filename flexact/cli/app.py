@@ -171,6 +171,9 @@ class FlexActCLI(LightningCLI):
         # user's own `trainer.plugins` (a precision or cluster plugin) would silently replace.
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoints(trainer)
+        for callback in trainer.callbacks:  # before anything is written, not at train start
+            if isinstance(callback, flexact.callbacks.SelectionCommit):
+                callback.check_warmup(self.model)
         if self.subcommand == "fit":  # a resumed run continues in its checkpoint's run folder
             from flexact.cli.runs import resume_in_run_folder
 
