@@ -101,7 +101,7 @@ def test_a_warmup_needs_a_run_of_finite_length(tmp_path: Path) -> None:
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path)
-    with pytest.raises(ConfigError, match="no finite length"):
+    with pytest.raises(ConfigError, match="no known, finite length"):
         trainer.fit(module, SyntheticDataModule(n_train=32, batch_size=16))
 
 
@@ -121,6 +121,9 @@ def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
     old = {"swap_backbone": True, "selection_lr_scale": 10.0, "flexact": {}}
     assert migrate_hparams(old)
     assert old["share_selection"] is False and old["selection_warmup"] == 0.0
+    assert old["selection_lr_scale"] == 10.0  # saved: kept
+    older = {"swap_backbone": False}  # before selection_lr_scale existed: trained at 1×
+    assert migrate_hparams(older) and older["selection_lr_scale"] == 1.0
     assert not migrate_hparams(old)  # once migrated, nothing more to do
     module = _module(**{k: v for k, v in old.items() if k != "flexact"})
     assert not module.selection.share and module.selection.warmup == 0.0
@@ -152,3 +155,52 @@ def test_a_run_resumed_inside_the_warmup_ends_as_the_uninterrupted_one(tmp_path:
     assert any(k.endswith("logits") for k in tensors)
     for key, value in tensors.items():
         assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_iterable_runs_without_max_steps_are_refused() -> None:
+    from flexact.modules.selection import check_run_length
+
+    for total in (float("inf"), -1, 0):
+        with pytest.raises(ConfigError, match="no known, finite length"):
+            check_run_length(total)
+    check_run_length(40)
+
+
+def test_a_checkpoint_with_per_layer_logits_does_not_load_into_shared_ones() -> None:
+    per_layer = _module(swap_backbone=True, share_selection=False)
+    for i, logits in enumerate(_logits(per_layer)):
+        with torch.no_grad():
+            logits.add_(float(i))  # the layers picked differently
+    checkpoint = {"state_dict": per_layer.state_dict()}
+    shared = _module(swap_backbone=True)
+    with pytest.raises(ConfigError, match="one selection per FlexAct layer"):
+        shared.on_load_checkpoint(checkpoint)
+    per_layer.on_load_checkpoint(checkpoint)  # the module it came from reads it
+    tied = _module(swap_backbone=True)
+    tied.on_load_checkpoint({"state_dict": tied.state_dict()})  # shared logits: equal
+
+
+def test_commit_at_zero_is_fine_without_a_warmup() -> None:
+    from flexact.callbacks import SelectionCommit
+
+    SelectionCommit(at=0.0, min_fraction=0.0).check_warmup(_module())
+    with pytest.raises(ConfigError, match="held fixed"):
+        SelectionCommit(at=0.0, min_fraction=0.0).check_warmup(_module(swap_backbone=True))
+
+
+def test_no_adaptive_commit_or_pruning_while_the_logits_are_held(tmp_path: Path) -> None:
+    from flexact.callbacks import SelectionCommit
+
+    L.seed_everything(0)
+    # A prior that looks settled (top 0.97) and a candidate far below the pruning threshold.
+    module = _module(swap_backbone=True, selection_warmup=0.5,
+                     flexact={"prior": [0.97, 0.01, 0.01, 0.005, 0.005]})
+    commit = SelectionCommit(mode="adaptive", at=0.9, threshold=0.9, patience=1,
+                             min_fraction=0.1, check_every_n_steps=2, prune_below=0.02)
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path, callbacks=[commit])
+    trainer.fit(module, SyntheticDataModule(n_train=160, batch_size=16))  # 20 steps
+    steps = set(commit.committed_steps.values())
+    assert steps and min(steps) > 10  # not before the warm-up's end at step 10

@@ -86,6 +86,7 @@ class SelectionCommit(Callback):
         self.threshold = _fraction("threshold", threshold)
         self.patience = check_positive_int("SelectionCommit", "patience", patience)
         self.min_fraction = _fraction("min_fraction", min_fraction)
+        self._warmup = 0.0  # the model's selection_warmup, read at train start
         if self.min_fraction > self.at:
             raise ConfigError(f"SelectionCommit min_fraction ({min_fraction}) must not exceed at "
                               f"({at}): no layer could commit early")
@@ -164,7 +165,7 @@ class SelectionCommit(Callback):
             for name, layer in open_layers:
                 self._commit(trainer, name, layer)
         elif (self.mode == "adaptive" and open_layers and not start
-              and position >= self.min_fraction * total
+              and position >= self.min_fraction * total and position > self._warmup * total
               and trainer.global_step % self.check_every_n_steps == 0):
             by_name = dict(open_layers)
             for name in self._settled_layers(open_layers):
@@ -181,7 +182,7 @@ class SelectionCommit(Callback):
             ConfigError: If every layer would commit before its logits ever moved.
         """
         warmup = getattr(getattr(pl_module, "selection", None), "warmup", 0.0)
-        if self.at <= warmup:
+        if warmup > 0 and self.at <= warmup:
             raise ConfigError(
                 f"SelectionCommit commits at {self.at:g} of the run, but the selection logits "
                 f"are held fixed until {warmup:g} (the model's selection_warmup): set "
@@ -189,6 +190,8 @@ class SelectionCommit(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check_warmup(pl_module)
+        # No adaptive check or pruning while the logits are held fixed: a prior alone would decide.
+        self._warmup = float(getattr(getattr(pl_module, "selection", None), "warmup", 0.0))
         self._apply(trainer, pl_module, start=True)
 
     def on_train_batch_start(

@@ -21,6 +21,8 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import nn
 
+from flexact.modules.selection import check_shared_checkpoint
+
 try:  # Set by LightningCLI while it instantiates: then hparams hold configs, not modules.
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 except ImportError:  # pragma: no cover - older or newer Lightning without the context variable
@@ -33,9 +35,10 @@ LEGACY_SPEC_KEYS = ("candidates", "tau", "hard", "granularity", "eval_mode", "pr
                     "kl_lambda", "mode")
 """Hyper-parameters that were flat module arguments and are now fields of ``flexact``."""
 
-EARLIER_DEFAULTS = {"share_selection": False, "selection_warmup": 0.0}
-"""Module settings a checkpoint may lack, and the value it was trained with: both became
-``None`` (a default that depends on ``swap_backbone``) after flexact 0.2."""
+EARLIER_DEFAULTS = {"share_selection": False, "selection_warmup": 0.0, "selection_lr_scale": 1.0}
+"""Module settings a checkpoint may lack, and the value it was trained with (before an option
+existed, its behaviour was the value here); each became ``None``, a default that depends on
+``swap_backbone``."""
 
 _MODEL_PARTS = ("backbone.", "head.")
 
@@ -104,8 +107,10 @@ class MigratedCheckpoints:
     """LightningModule mixin: checkpoints of every flexact version load, migrated when read."""
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Migrate the state dict of a checkpoint written before ``self.model`` existed."""
+        """Migrate an old checkpoint's state dict; refuse per-layer logits for shared ones."""
         migrate_state_dict(checkpoint.get("state_dict", {}))
+        share = getattr(getattr(self, "selection", None), "share", False)
+        check_shared_checkpoint(checkpoint.get("state_dict", {}), share)
 
     @classmethod
     def load_from_checkpoint(

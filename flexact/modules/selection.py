@@ -25,8 +25,9 @@ from flexact.errors import ConfigError
 from flexact.nn import FlexAct, flexact_layers
 from flexact.nn.surgery import share_selection as tie_selections
 
-__all__ = ["EVERYWHERE", "HEAD_ONLY", "SelectionSettings", "freeze_selection_logits",
-           "resolve_selection", "selection_logits"]
+__all__ = ["EVERYWHERE", "HEAD_ONLY", "SelectionSettings", "check_run_length",
+           "check_shared_checkpoint", "freeze_selection_logits", "resolve_selection",
+           "selection_logits"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,21 @@ def selection_logits(model: nn.Module) -> Iterable[nn.Parameter]:
     return {id(layer.logits): layer.logits for _, layer in flexact_layers(model)}.values()
 
 
+def check_run_length(total: float) -> None:
+    """Refuse a warm-up in a run without a known, finite number of optimizer steps.
+
+    Lightning reports ``inf`` for endless runs and ``-1`` for an iterable dataset without
+    ``max_steps``: neither has a fraction to hold the logits for.
+
+    Raises:
+        ConfigError: If ``total`` is not a positive finite number.
+    """
+    if not (0 < float(total) < float("inf")):
+        raise ConfigError("selection_warmup is a fraction of training, but this run has no "
+                          "known, finite length: set trainer.max_epochs (with a sized data set) "
+                          "or trainer.max_steps, or selection_warmup: 0")
+
+
 def freeze_selection_logits(model: nn.Module, step: int, total: float, warmup: float) -> bool:
     """Drop the logits' gradients while ``step`` is in the first ``warmup`` of ``total`` steps.
 
@@ -113,12 +129,28 @@ def freeze_selection_logits(model: nn.Module, step: int, total: float, warmup: f
     """
     if warmup <= 0:
         return False
-    if not torch.isfinite(torch.tensor(float(total))):
-        raise ConfigError("selection_warmup is a fraction of training, but this run has no "
-                          "finite length: set trainer.max_epochs or trainer.max_steps, or "
-                          "selection_warmup: 0")
+    check_run_length(total)
     if step >= warmup * total:
         return False
     for logits in selection_logits(model):
         logits.grad = None
     return True
+
+
+def check_shared_checkpoint(state_dict: dict[str, object], share: bool) -> None:
+    """Refuse per-layer selection logits for a module whose layers share one set.
+
+    Loading them would copy every layer's logits into the one shared Parameter in turn, so the
+    last layer's would silently win.
+
+    Raises:
+        ConfigError: If ``share`` and the checkpoint's layers hold different logits.
+    """
+    if not share:
+        return
+    logits = [v for k, v in state_dict.items()
+              if k.endswith(".logits") and isinstance(v, torch.Tensor)]
+    if any(v.shape != logits[0].shape or not torch.equal(v, logits[0]) for v in logits[1:]):
+        raise ConfigError("this checkpoint was trained with one selection per FlexAct layer, "
+                          "but the module shares one (share_selection): build it with "
+                          "share_selection=False (and selection_warmup=0, as it was trained)")
