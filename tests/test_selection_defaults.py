@@ -101,7 +101,7 @@ def test_a_warmup_needs_a_run_of_finite_length(tmp_path: Path) -> None:
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path)
-    with pytest.raises(ConfigError, match="no known, finite length"):
+    with pytest.raises(ConfigError, match=r"cannot tell the run's length"):
         trainer.fit(module, SyntheticDataModule(n_train=32, batch_size=16))
 
 
@@ -157,13 +157,17 @@ def test_a_run_resumed_inside_the_warmup_ends_as_the_uninterrupted_one(tmp_path:
         assert torch.equal(value, resumed.state_dict()[key]), key
 
 
-def test_iterable_runs_without_max_steps_are_refused() -> None:
-    from flexact.modules.selection import check_run_length
+def test_runs_of_unknown_length_are_refused() -> None:
+    from types import SimpleNamespace
 
-    for total in (float("inf"), -1, 0):
-        with pytest.raises(ConfigError, match="no known, finite length"):
-            check_run_length(total)
-    check_run_length(40)
+    from flexact.callbacks.progress import run_length
+
+    # Lightning: inf for endless runs, -1 for a data set without a length and no max_steps.
+    for total in (float("inf"), -1):
+        with pytest.raises(ConfigError, match="cannot tell the run's length"):
+            run_length(SimpleNamespace(estimated_stepping_batches=total), "step", None,
+                       "selection_warmup")
+    assert run_length(SimpleNamespace(estimated_stepping_batches=40), "step", None, "x") == 40
 
 
 def test_a_checkpoint_with_per_layer_logits_does_not_load_into_shared_ones() -> None:

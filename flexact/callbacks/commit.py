@@ -175,8 +175,11 @@ class SelectionCommit(Callback):
             self.committed_at = position
         self.committed = everything
 
-    def check_warmup(self, pl_module: L.LightningModule) -> None:
+    def check_warmup(self, pl_module: L.LightningModule) -> float:
         """Refuse a model whose selection warm-up lasts past this callback's latest commit.
+
+        Returns:
+            The model's ``selection_warmup`` (0 for a model without one).
 
         Raises:
             ConfigError: If every layer would commit before its logits ever moved.
@@ -187,11 +190,11 @@ class SelectionCommit(Callback):
                 f"SelectionCommit commits at {self.at:g} of the run, but the selection logits "
                 f"are held fixed until {warmup:g} (the model's selection_warmup): set "
                 f"SelectionCommit at above {warmup:g}, or a smaller selection_warmup")
+        return float(warmup)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.check_warmup(pl_module)
         # No adaptive check or pruning while the logits are held fixed: a prior alone would decide.
-        self._warmup = float(getattr(getattr(pl_module, "selection", None), "warmup", 0.0))
+        self._warmup = self.check_warmup(pl_module)
         self._apply(trainer, pl_module, start=True)
 
     def on_train_batch_start(

@@ -18,7 +18,8 @@ def run_length(trainer: L.Trainer, interval: Interval, total: int | None, owner:
     """Number of ``interval`` units in the run: ``total`` if given, else the trainer's length.
 
     Raises:
-        ConfigError: If the run's length is unknown (no max_epochs / max_steps) and no total.
+        ConfigError: If the run's length is unknown (no max_epochs / max_steps, or an iterable
+            data set without max_steps, which Lightning reports as -1) and no total.
     """
     if total is not None:
         return total
@@ -28,9 +29,9 @@ def run_length(trainer: L.Trainer, interval: Interval, total: int | None, owner:
                               "explicit total")
         return max(trainer.max_epochs, 1)
     steps = trainer.estimated_stepping_batches
-    if not math.isfinite(steps):
-        raise ConfigError(f"{owner} cannot tell the run's length (infinite training): set its "
-                          "total")
+    if not math.isfinite(steps) or steps < 0:
+        raise ConfigError(f"{owner} cannot tell the run's length (infinite training, or a data "
+                          "set without a length and no max_steps): set its total")
     return max(int(steps), 1)
 
 

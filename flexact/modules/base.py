@@ -231,8 +231,7 @@ class FlexActModule(MigratedCheckpoints, L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """No selection-logit update during ``selection_warmup`` (overrides: call super())."""
-        freeze_selection_logits(self.model, self.trainer.global_step,
-                                self.trainer.estimated_stepping_batches, self.selection.warmup)
+        freeze_selection_logits(self.model, self.trainer, self.selection.warmup)
 
     def on_after_backward(self) -> None:
         """Drop the zero gradients of parameters that only took part to satisfy DDP."""

@@ -20,16 +20,17 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import lightning as L
 import torch
 from torch import nn
 
+from flexact.callbacks.progress import run_length
 from flexact.errors import ConfigError
 from flexact.nn import FlexAct, flexact_layers
 from flexact.nn.surgery import share_selection as tie_selections
 
-__all__ = ["EVERYWHERE", "HEAD_ONLY", "SelectionSettings", "check_run_length",
-           "check_shared_checkpoint", "freeze_selection_logits", "resolve_selection",
-           "selection_logits"]
+__all__ = ["EVERYWHERE", "HEAD_ONLY", "SelectionSettings", "check_shared_checkpoint",
+           "freeze_selection_logits", "resolve_selection", "selection_logits"]
 
 
 @dataclass(frozen=True)
@@ -101,38 +102,23 @@ def selection_logits(model: nn.Module) -> Iterable[nn.Parameter]:
     return {id(layer.logits): layer.logits for _, layer in flexact_layers(model)}.values()
 
 
-def check_run_length(total: float) -> None:
-    """Refuse a warm-up in a run without a known, finite number of optimizer steps.
-
-    Lightning reports ``inf`` for endless runs and ``-1`` for an iterable dataset without
-    ``max_steps``: neither has a fraction to hold the logits for.
-
-    Raises:
-        ConfigError: If ``total`` is not a positive finite number.
-    """
-    if not (0 < float(total) < float("inf")):
-        raise ConfigError("selection_warmup is a fraction of training, but this run has no "
-                          "known, finite length: set trainer.max_epochs (with a sized data set) "
-                          "or trainer.max_steps, or selection_warmup: 0")
-
-
-def freeze_selection_logits(model: nn.Module, step: int, total: float, warmup: float) -> bool:
-    """Drop the logits' gradients while ``step`` is in the first ``warmup`` of ``total`` steps.
+def freeze_selection_logits(model: nn.Module, trainer: L.Trainer, warmup: float) -> bool:
+    """Drop the logits' gradients during the first ``warmup`` of the trainer's optimizer steps.
 
     With no gradient the optimizer skips them altogether (Adam's moments stay empty), so the
-    logits start learning after the warm-up as from scratch. The step is the trainer's global
-    step: every rank and a resumed run agree on it.
+    logits start learning after the warm-up as from scratch. The run's length and position are
+    SelectionCommit's (:func:`flexact.callbacks.progress.run_length`, the global step): every
+    rank and a resumed run agree on them.
 
     Returns:
         Whether the logits were frozen at this step.
 
     Raises:
-        ConfigError: If the run has no finite length to take the fraction of.
+        ConfigError: If the run has no known, finite length to take the fraction of.
     """
     if warmup <= 0:
         return False
-    check_run_length(total)
-    if step >= warmup * total:
+    if trainer.global_step >= warmup * run_length(trainer, "step", None, "selection_warmup"):
         return False
     for logits in selection_logits(model):
         logits.grad = None
