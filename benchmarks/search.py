@@ -288,9 +288,8 @@ def main() -> None:
         steps = [r for r, _ in runs if r is not None]
         # A seed that never reached the target counts as infinitely many steps.
         medians[sampler] = float(np.median([math.inf if r is None else r for r, _ in runs]))
-        spread = (f"{medians[sampler]:.0f} ({min(steps)}–{max(steps)})"
-                  if steps and math.isfinite(medians[sampler]) else
-                  f"— ({min(steps)}–{max(steps)})" if steps else "—")
+        spread = (f"{medians[sampler]:.0f}" if math.isfinite(medians[sampler]) else "—") + (
+            f" ({min(steps)}–{max(steps)})" if steps else "")
         print(f"| {sampler} | {len(steps)}/{args.seeds} | {spread} | "
               f"{np.median([b for _, b in runs]):.4f} |", flush=True)
     print("\n".join(NOTES))
