@@ -29,16 +29,19 @@ def _logits(module: FlexActRegressor) -> list[nn.Parameter]:
 
 def test_head_only_and_everywhere_get_their_own_defaults() -> None:
     head = _module()
-    assert (head.selection.lr_scale, head.selection.share, head.selection.warmup) == (
-        HEAD_ONLY.lr_scale, HEAD_ONLY.share, HEAD_ONLY.warmup) == (10.0, False, 0.0)
+    assert head.selection == HEAD_ONLY
+    assert (HEAD_ONLY.lr_scale, HEAD_ONLY.lr_scale_end, HEAD_ONLY.share, HEAD_ONLY.warmup) == (
+        5.0, 300.0, False, 0.0)
     everywhere = _module(swap_backbone=True)
     assert everywhere.selection == EVERYWHERE
-    assert (EVERYWHERE.lr_scale, EVERYWHERE.share, EVERYWHERE.warmup) == (100.0, True, 0.3)
+    assert (EVERYWHERE.lr_scale, EVERYWHERE.lr_scale_end, EVERYWHERE.share,
+            EVERYWHERE.warmup) == (100.0, 100.0, True, 0.3)
     logits = _logits(everywhere)
     assert len(logits) == 3 and all(p is logits[0] for p in logits)  # one selection
     # The values used are the saved hyper-parameters (a checkpoint rebuilds the same module).
     assert {k: everywhere.hparams[k] for k in ("selection_lr_scale", "share_selection",
-                                               "selection_warmup")} == EVERYWHERE.as_hparams()
+                                               "selection_warmup", "selection_lr_scale_end")
+            } == EVERYWHERE.as_hparams()
     groups = everywhere.configure_optimizers().param_groups
     assert [g["lr"] for g in groups if any(p is logits[0] for p in g["params"])] == [
         pytest.approx(1.0)]  # 100 × 0.01
@@ -48,6 +51,9 @@ def test_head_only_and_everywhere_get_their_own_defaults() -> None:
     assert (mine.selection.lr_scale, mine.selection.share, mine.selection.warmup) == (
         5.0, False, 0.0)
     assert len({id(p) for p in _logits(mine)}) == 3
+    # A rate asked for stays constant, unless its end is asked for too.
+    assert _module(selection_lr_scale=10.0).selection.lr_scale_end == 10.0
+    assert _module(selection_lr_scale_end=50.0).selection.lr_scale == HEAD_ONLY.lr_scale
 
 
 def test_everywhere_shares_only_where_the_layers_can() -> None:
@@ -122,11 +128,17 @@ def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
     assert migrate_hparams(old)
     assert old["share_selection"] is False and old["selection_warmup"] == 0.0
     assert old["selection_lr_scale"] == 10.0  # saved: kept
+    assert old["selection_lr_scale_end"] == 10.0  # before the rate could grow: constant
     older = {"swap_backbone": False}  # before selection_lr_scale existed: trained at 1×
     assert migrate_hparams(older) and older["selection_lr_scale"] == 1.0
+    assert older["selection_lr_scale_end"] == 1.0
     assert not migrate_hparams(old)  # once migrated, nothing more to do
     module = _module(**{k: v for k, v in old.items() if k != "flexact"})
     assert not module.selection.share and module.selection.warmup == 0.0
+    assert module.selection.lr_factor(None) == 1.0  # type: ignore[arg-type]  # constant
+    newer = {"swap_backbone": False, "selection_lr_scale": 5.0, "share_selection": False,
+             "selection_warmup": 0.0, "selection_lr_scale_end": 300.0}
+    assert not migrate_hparams(newer) and newer["selection_lr_scale_end"] == 300.0
     # Hyper-parameters of something else than a FlexActModule are left alone.
     other = {"lr": 0.1}
     assert not migrate_hparams(other) and other == {"lr": 0.1}
@@ -208,3 +220,99 @@ def test_no_adaptive_commit_or_pruning_while_the_logits_are_held(tmp_path: Path)
     trainer.fit(module, SyntheticDataModule(n_train=160, batch_size=16))  # 20 steps
     steps = set(commit.committed_steps.values())
     assert steps and min(steps) > 10  # not before the warm-up's end at step 10
+
+
+class _SelectionRates(L.Callback):
+    """The selection logits' and the weights' learning rates at every optimizer step."""
+
+    def __init__(self) -> None:
+        self.logits: list[float] = []
+        self.weights: list[float] = []
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        logits = {id(p) for p in _logits(pl_module)}  # type: ignore[arg-type]
+        for group in optimizer.param_groups:
+            rates = self.logits if any(id(p) in logits for p in group["params"]) else self.weights
+            rates.append(group["lr"])
+
+
+def _fit_rates(tmp_path: Path, module: FlexActRegressor, scheduler: bool = False
+               ) -> tuple[_SelectionRates, L.Trainer]:
+    L.seed_everything(0)
+    rates = _SelectionRates()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path, callbacks=[rates])
+    trainer.fit(module, SyntheticDataModule(n_train=160, batch_size=16))  # 20 steps
+    return rates, trainer
+
+
+def test_the_head_selection_rate_grows_geometrically_and_steps_only_see_it(
+        tmp_path: Path) -> None:
+    rates, trainer = _fit_rates(tmp_path, _module())
+    assert len(rates.logits) == 20 and rates.weights == [0.01] * 20  # the weights: untouched
+    expected = [0.01 * 5.0 * 60.0 ** (step / 20) for step in range(20)]  # 5× → 300× at the end
+    assert rates.logits == pytest.approx(expected)
+    # Between steps the group holds its constant-scale rate: what schedulers and checkpoints see.
+    groups = trainer.optimizers[0].param_groups
+    assert sorted(g["lr"] for g in groups) == pytest.approx([0.01, 0.05])
+
+
+def test_a_given_rate_is_constant_and_a_ramp_starts_after_the_warmup(tmp_path: Path) -> None:
+    constant, _ = _fit_rates(tmp_path, _module(selection_lr_scale=10.0))
+    assert constant.logits == pytest.approx([0.1] * 20)
+    ramp, _ = _fit_rates(tmp_path, _module(swap_backbone=True, selection_warmup=0.5,
+                                           selection_lr_scale_end=400.0))
+    # Logits held for steps 0–9 (the optimizer skips them, the group's rate is still set).
+    assert ramp.logits[:11] == pytest.approx([1.0] * 11)  # 100 × 0.01 until the warm-up ends
+    assert ramp.logits[19] == pytest.approx(1.0 * 4.0 ** 0.9)  # step 19: 9/10 of the way to 4×
+
+
+def test_a_scheduler_scales_the_ramped_rate_without_compounding_it(tmp_path: Path) -> None:
+    def module() -> FlexActRegressor:
+        return FlexActRegressor(in_features=4, hidden_features=None,
+                                optimizer=lambda p: torch.optim.Adam(p, lr=0.01),
+                                lr_scheduler=lambda o: torch.optim.lr_scheduler.StepLR(
+                                    o, step_size=1, gamma=0.5))
+    rates, trainer = _fit_rates(tmp_path, module())
+    # Epoch 2 runs at half the rate, with the same ramp factor as the step in an unscheduled run.
+    assert rates.weights == pytest.approx([0.01] * 10 + [0.005] * 10)
+    assert rates.logits == pytest.approx(
+        [0.05 * 60.0 ** (s / 20) * (0.5 if s >= 10 else 1.0) for s in range(20)])
+    assert sorted(g["lr"] for g in trainer.optimizers[0].param_groups) == pytest.approx(
+        [0.0025, 0.0125])  # two epoch ends: 0.25 × the constant-scale rates
+
+
+def test_a_growing_rate_needs_a_run_of_finite_length(tmp_path: Path) -> None:
+    trainer = L.Trainer(max_epochs=-1, max_steps=-1, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"selection_lr_scale_end.*cannot tell the run's length"):
+        trainer.fit(_module(), SyntheticDataModule(n_train=32, batch_size=16))
+
+
+def test_a_run_resumed_mid_ramp_ends_as_the_uninterrupted_one(tmp_path: Path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from flexact.callbacks import RNGState
+
+    def fit(root: Path, extra: list[L.Callback], ckpt: Path | None = None) -> FlexActRegressor:
+        L.seed_everything(0)
+        module = _module()
+        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, default_root_dir=root,
+                            callbacks=[RNGState(), *extra])
+        trainer.fit(module, SyntheticDataModule(n_train=160, batch_size=16), ckpt_path=ckpt)
+        return module
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}",
+                            every_n_train_steps=7, save_top_k=-1)
+    full = fit(tmp_path / "full", [saver])
+    resumed = fit(tmp_path / "resumed", [], tmp_path / "ckpt" / "step=7.ckpt")
+    tensors = {k: v for k, v in full.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert any(k.endswith("logits") for k in tensors)
+    for key, value in tensors.items():
+        assert torch.equal(value, resumed.state_dict()[key]), key

@@ -15,7 +15,7 @@ from torchmetrics import MetricCollection
 
 from flexact.errors import ConfigError
 from flexact.modules.hparams import MigratedCheckpoints, unsaved_argument_names
-from flexact.modules.selection import freeze_selection_logits, resolve_selection
+from flexact.modules.selection import SelectionSchedule, resolve_selection
 from flexact.modules.sizing import materialize_from_data
 from flexact.nn import FlexActNetwork, FlexActSpec, flexact_layers, selection_kl
 from flexact.nn.params import parameter_groups, scale_selection_lr, unused_selection_parameters
@@ -23,7 +23,7 @@ from flexact.nn.params import parameter_groups, scale_selection_lr, unused_selec
 __all__ = ["FlexActModule"]
 
 
-class FlexActModule(MigratedCheckpoints, L.LightningModule):
+class FlexActModule(MigratedCheckpoints, SelectionSchedule, L.LightningModule):
     """Base LightningModule: a :class:`~flexact.FlexActNetwork` as ``self.model``; task + α·KL.
 
     ``self.model`` is a plain ``nn.Module`` (backbone → FlexAct head): train it here, export it
@@ -52,9 +52,9 @@ class FlexActModule(MigratedCheckpoints, L.LightningModule):
         lr_scheduler: Optional scheduler factory called with the optimizer.
         selection_weight_decay: Decay selection logits and activation shapes too (off: decay
             pulls picks to uniform).
-        selection_lr_scale: The selection logits' learning rate over the optimizer's; default
-            10 for a FlexAct head, 100 with ``swap_backbone`` (the paper: 1, where picks end
-            near uniform; docs/method.md §5).
+        selection_lr_scale: The selection logits' learning rate over the optimizer's when they
+            start learning; default 5 for a FlexAct head, 100 with ``swap_backbone`` (the
+            paper: 1, where picks end near uniform; docs/method.md §5).
         example_input_shape: One input sample's shape, for a dry run of the backbone.
         swap_backbone: Also replace every activation module of the backbone by a FlexAct layer
             (FlexAct at every layer, beyond the paper's head).
@@ -74,6 +74,9 @@ class FlexActModule(MigratedCheckpoints, L.LightningModule):
         selection_warmup: Fraction of training during which the selection logits stay fixed
             while the weights train; default 0 for a head, 0.3 with ``swap_backbone`` (layers
             that select from the first step drift to Identity; docs/method.md §5).
+        selection_lr_scale_end: The logits' rate over the optimizer's at the run's end, reached
+            geometrically from ``selection_lr_scale``; default 300 for a head (slow early,
+            decisive late), constant with ``swap_backbone`` or a given ``selection_lr_scale``.
 
     The ``flexact`` command adds FiniteGuard and RNGState callbacks; a plain Trainer needs them.
     """
@@ -107,6 +110,7 @@ class FlexActModule(MigratedCheckpoints, L.LightningModule):
         regularize_backbone: bool = True,
         share_selection: bool | None = None,
         selection_warmup: NonNegativeFloat | None = None,
+        selection_lr_scale_end: PositiveFloat | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=unsaved_argument_names(inspect.currentframe()))
@@ -137,7 +141,8 @@ class FlexActModule(MigratedCheckpoints, L.LightningModule):
         if channels_last:
             self.model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.selection = resolve_selection(self.model, swap_backbone, selection_lr_scale,
-                                           share_selection, selection_warmup)
+                                           share_selection, selection_warmup,
+                                           selection_lr_scale_end)
         self.hparams.update(self.selection.as_hparams())  # the values used, as saved
         self.configure_losses()
         self.configure_metrics()
@@ -228,10 +233,6 @@ class FlexActModule(MigratedCheckpoints, L.LightningModule):
         for name, metric in self.train_metrics.items():
             metric.compute()  # all ranks at one point; Lightning's compute() reads the cached value
             self.log(name, metric)
-
-    def on_before_optimizer_step(self, optimizer: Any) -> None:
-        """No selection-logit update during ``selection_warmup`` (overrides: call super())."""
-        freeze_selection_logits(self.model, self.trainer, self.selection.warmup)
 
     def on_after_backward(self) -> None:
         """Drop the zero gradients of parameters that only took part to satisfy DDP."""

@@ -52,6 +52,10 @@ def migrate_hparams(hparams: MutableMapping[str, Any]) -> bool:
     earlier = {k: v for k, v in EARLIER_DEFAULTS.items()
                if "swap_backbone" in hparams and k not in hparams}  # a FlexActModule's
     hparams.update(earlier)
+    if "swap_backbone" in hparams and "selection_lr_scale_end" not in hparams:
+        # Trained before the rate could change over a run: at its constant selection_lr_scale.
+        hparams["selection_lr_scale_end"] = hparams["selection_lr_scale"]
+        earlier["selection_lr_scale_end"] = hparams["selection_lr_scale"]
     legacy = {k: hparams.pop(k) for k in LEGACY_SPEC_KEYS if k in hparams}
     if not legacy:
         return bool(earlier)

@@ -5,8 +5,10 @@ fixed-activation runs (benchmarks/RESULTS.md, "One FlexAct run vs a sweep"; docs
 for FlexAct everywhere the measured gain is decisiveness, 88 % of layers against 33 %, with
 picks as often within the sweep's noise as before):
 
-- **Head only** (``swap_backbone`` off): the logits learn from the first step at 10 × the
-  optimizer's rate, each FlexAct layer on its own.
+- **Head only** (``swap_backbone`` off): each FlexAct layer on its own, the logits learning from
+  the first step at a rate that grows geometrically over the run, from 5 × the optimizer's to
+  300 × at the end: slow early, where a fast rate locks onto the first candidate that helps,
+  fast late, where a slow one leaves the pick undecided.
 - **Everywhere** (``swap_backbone`` on): one selection for the whole network (the question a
   sweep answers), the logits held fixed for the first 30 % of training while the weights fit
   under the uniform mixture, then learning at 100 × the optimizer's rate. Early in training the
@@ -17,8 +19,10 @@ picks as often within the sweep's noise as before):
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -27,10 +31,12 @@ from torch import nn
 from flexact.callbacks.progress import run_length
 from flexact.errors import ConfigError
 from flexact.nn import FlexAct, flexact_layers
+from flexact.nn.params import LR_SCALE_KEY
 from flexact.nn.surgery import share_selection as tie_selections
 
-__all__ = ["EVERYWHERE", "HEAD_ONLY", "SelectionSettings", "check_shared_checkpoint",
-           "freeze_selection_logits", "resolve_selection", "selection_logits"]
+__all__ = ["EVERYWHERE", "HEAD_ONLY", "SelectionSchedule", "SelectionSettings",
+           "check_shared_checkpoint", "freeze_selection_logits", "ramped_selection_lr",
+           "resolve_selection", "selection_logits"]
 
 
 @dataclass(frozen=True)
@@ -38,23 +44,39 @@ class SelectionSettings:
     """How the selection logits learn.
 
     Args:
-        lr_scale: Their learning rate over the optimizer's.
+        lr_scale: Their learning rate over the optimizer's when they start learning.
         share: One set of logits for every FlexAct layer.
         warmup: Fraction of training during which they stay fixed.
+        lr_scale_end: Their learning rate over the optimizer's at the end of the run; between
+            the warm-up's end and the run's end the scale grows (or shrinks) geometrically.
+            Equal to ``lr_scale``: a constant rate.
     """
 
     lr_scale: float
     share: bool
     warmup: float
+    lr_scale_end: float
 
     def as_hparams(self) -> dict[str, float | bool]:
         """The module's hyper-parameters of these settings."""
         return {"selection_lr_scale": self.lr_scale, "share_selection": self.share,
-                "selection_warmup": self.warmup}
+                "selection_warmup": self.warmup, "selection_lr_scale_end": self.lr_scale_end}
+
+    def lr_factor(self, trainer: L.Trainer) -> float:
+        """The logits' rate at the trainer's step over their rate at the start (1: constant).
+
+        Raises:
+            ConfigError: If the rate changes and the run has no known, finite length.
+        """
+        if self.lr_scale_end == self.lr_scale:
+            return 1.0
+        total = run_length(trainer, "step", None, "selection_lr_scale_end")
+        progress = (trainer.global_step / total - self.warmup) / (1.0 - self.warmup)
+        return (self.lr_scale_end / self.lr_scale) ** min(max(progress, 0.0), 1.0)
 
 
-HEAD_ONLY = SelectionSettings(lr_scale=10.0, share=False, warmup=0.0)
-EVERYWHERE = SelectionSettings(lr_scale=100.0, share=True, warmup=0.3)
+HEAD_ONLY = SelectionSettings(lr_scale=5.0, share=False, warmup=0.0, lr_scale_end=300.0)
+EVERYWHERE = SelectionSettings(lr_scale=100.0, share=True, warmup=0.3, lr_scale_end=100.0)
 
 
 def _shareable(layers: list[FlexAct]) -> bool:
@@ -63,7 +85,8 @@ def _shareable(layers: list[FlexAct]) -> bool:
 
 
 def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | None,
-                      share: bool | None, warmup: float | None) -> SelectionSettings:
+                      share: bool | None, warmup: float | None,
+                      lr_scale_end: float | None = None) -> SelectionSettings:
     """The settings a module uses (the given values, the others its mode's defaults), applied.
 
     Ties the layers' logits together (:func:`flexact.nn.surgery.share_selection`) if shared.
@@ -78,6 +101,8 @@ def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | N
         lr_scale: ``selection_lr_scale``, ``None`` for the default.
         share: ``share_selection``, ``None`` for the default.
         warmup: ``selection_warmup``, ``None`` for the default.
+        lr_scale_end: ``selection_lr_scale_end``; ``None``: a constant rate where
+            ``lr_scale`` is given, else the mode's default.
 
     Raises:
         ConfigError: If ``warmup`` is outside [0, 1), or ``share`` is asked for layers that
@@ -93,8 +118,10 @@ def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | N
                           f"{warmup!r}")
     if share:
         tie_selections(model)
+    if lr_scale_end is None:  # a rate asked for stays constant unless told otherwise
+        lr_scale_end = defaults.lr_scale_end if lr_scale is None else lr_scale
     return SelectionSettings(defaults.lr_scale if lr_scale is None else float(lr_scale),
-                             bool(share), warmup)
+                             bool(share), warmup, float(lr_scale_end))
 
 
 def selection_logits(model: nn.Module) -> Iterable[nn.Parameter]:
@@ -123,6 +150,52 @@ def freeze_selection_logits(model: nn.Module, trainer: L.Trainer, warmup: float)
     for logits in selection_logits(model):
         logits.grad = None
     return True
+
+
+@contextmanager
+def ramped_selection_lr(optimizer: Any, settings: SelectionSettings,
+                        trainer: L.Trainer) -> Iterator[None]:
+    """Run one optimizer step with the selection logits' rate of this point of the run.
+
+    The logits' groups (:data:`flexact.nn.params.LR_SCALE_KEY`) get their rate times
+    :meth:`SelectionSettings.lr_factor` for the step and their own rate back right after it,
+    so schedulers and checkpoints only ever see the constant-scale rate. The factor depends on
+    the global step alone: every rank and a resumed run use the same.
+    """
+    factor = settings.lr_factor(trainer)
+    groups = [g for g in optimizer.param_groups
+              if LR_SCALE_KEY in g and isinstance(g.get("lr"), (int, float))]
+    saved = [g["lr"] for g in groups]
+    for group in groups:
+        group["lr"] = group["lr"] * factor
+    try:
+        yield
+    finally:
+        for group, lr in zip(groups, saved, strict=True):
+            group["lr"] = lr
+
+
+class SelectionSchedule:
+    """LightningModule mixin: the logits' warm-up and rate schedule of ``self.selection``.
+
+    Subclasses that override :meth:`on_before_optimizer_step` or :meth:`optimizer_step` call
+    ``super()``.
+    """
+
+    selection: SelectionSettings
+    model: nn.Module
+    trainer: L.Trainer
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """No selection-logit update during the warm-up (``selection_warmup``)."""
+        freeze_selection_logits(self.model, self.trainer, self.selection.warmup)
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
+                       optimizer_closure: Any = None) -> None:
+        """Step with the logits' rate of this point of the run (``selection_lr_scale_end``)."""
+        with ramped_selection_lr(optimizer, self.selection, self.trainer):
+            super().optimizer_step(epoch, batch_idx, optimizer,  # type: ignore[misc]
+                                   optimizer_closure)
 
 
 def check_shared_checkpoint(state_dict: dict[str, object], share: bool) -> None:
