@@ -147,7 +147,7 @@ def test_help_shows_docstrings(capsys: pytest.CaptureFixture[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("truth", ["relu", "sigmoid", "tanh", "leaky_relu", "identity"])
 def test_quick_start_recovers_each_truth(truth: str, tmp_path: Path) -> None:
-    """The README's main job: each truth picked, except ReLU's documented near-twin miss."""
+    """The README's main job: each truth picked (ReLU too, not its near-twin LeakyReLU)."""
     out = subprocess.run(
         [sys.executable, "-m", "flexact", "fit", "--config", "configs/synthetic.yaml",
          "--data.truth", truth, "--trainer.default_root_dir", str(tmp_path),
@@ -158,9 +158,7 @@ def test_quick_start_recovers_each_truth(truth: str, tmp_path: Path) -> None:
     assert "FlexAct selection" in log and "Epoch 19" in log  # table printed, progress bar shown
     (path,) = tmp_path.rglob("selection.json")
     pick = json.loads(path.read_text())["head.flexact"]["pick"]
-    # The README says the default truth (relu) ends on leaky_relu (docs/method.md §5): if the
-    # selection learns to tell them apart, this fails and the README's quick start needs updating.
-    assert pick == ("leaky_relu" if truth == "relu" else truth)
+    assert pick == truth  # the README's quick start says so, for each truth
 
 
 def test_root_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
