@@ -51,7 +51,7 @@ def test_regressor_learns_synthetic_relu(tmp_path: Path) -> None:
     dm = SyntheticDataModule(truth="relu", n_train=1024, n_val=256, batch_size=64)
     model = FlexActRegressor(in_features=4, alpha=0.3,
                              optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
-    trainer = _trainer(tmp_path, max_epochs=4)
+    trainer = _trainer(tmp_path, max_epochs=8)  # 128 steps: the selection's rate grows over them
     trainer.fit(model, dm)
     dm.setup("test")
     x, y = dm.splits["test"].tensors
@@ -162,10 +162,10 @@ def test_selection_logits_get_their_own_learning_rate() -> None:
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     assert lrs(model, optimizer) == {"model.head.linear.weight": 0.1,
                                      "model.head.linear.bias": 0.1,
-                                     "model.head.flexact.logits": pytest.approx(1.0)}  # 10×
+                                     "model.head.flexact.logits": pytest.approx(0.5)}  # 5×
     optimizer.step()
-    scheduler.step()  # the scheduler's base is the scaled rate: the ratio stays 10
-    assert lrs(model, optimizer)["model.head.flexact.logits"] == pytest.approx(0.5)
+    scheduler.step()  # the scheduler's base is the scaled rate: the ratio stays 5
+    assert lrs(model, optimizer)["model.head.flexact.logits"] == pytest.approx(0.25)
     assert lrs(model, optimizer)["model.head.linear.weight"] == pytest.approx(0.05)
     paper = FlexActRegressor(in_features=4, optimizer=sgd, selection_lr_scale=1.0)
     assert set(lrs(paper, paper.configure_optimizers()).values()) == {0.1}
@@ -332,7 +332,9 @@ class _HostSyncSpy(L.Callback):
                 if func is torch.ops.aten._local_scalar_dense.default:
                     frames = [f for f in traceback.extract_stack()
                               if f.filename.startswith(package)]
-                    if frames:
+                    # The optimizer's own reads (Adam's step count) run inside flexact's
+                    # optimizer_step, which only sets the logits' rate around them.
+                    if frames and frames[-1].name != "optimizer_step":
                         calls.append("".join(traceback.format_list(frames)))
                 return func(*args, **(kwargs or {}))
 
