@@ -38,7 +38,8 @@ Runs:
   layer is 0): the cheapest fixed-activation run, so the time ratios are conservative.
 - FlexAct ``head`` (:data:`HEAD_VARIANTS`): the five candidates in the head; the backbone keeps
   its default ReLU. The variants differ in α (the paper's 0.3, 0.1, 0), the selection logits'
-  learning rate over the weights' (``selection_lr_scale`` 1, 5, 10, 30), straight-through hard
+  learning rate over the weights' (``selection_lr_scale`` 1, 5, 10, 30, and the default: 5
+  growing to 300 over the run, ``selection_lr_scale_end``), straight-through hard
   samples, logits held fixed for the first 30 % of the run (``select_after``), an absolute
   selection learning rate (0.1, 0.3, whatever the weights' rate) and the selection gradient
   taken against standardized candidate outputs (``selection_gradient="standardized"``).

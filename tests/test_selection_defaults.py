@@ -103,11 +103,12 @@ def test_the_logits_stay_fixed_during_the_warmup_and_learn_after(tmp_path: Path)
 
 def test_a_warmup_needs_a_run_of_finite_length(tmp_path: Path) -> None:
     module = _module(swap_backbone=True)
-    trainer = L.Trainer(max_epochs=-1, max_steps=-1, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
+    trainer = L.Trainer(max_epochs=-1, max_steps=-1, max_time="00:00:00:20", accelerator="cpu",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         default_root_dir=tmp_path)
-    with pytest.raises(ConfigError, match=r"cannot tell the run's length"):
+    with pytest.raises(ConfigError, match=r"selection_warmup cannot tell the run's length.*"
+                       r"set trainer.max_steps, or selection_warmup: 0"):
         trainer.fit(module, SyntheticDataModule(n_train=32, batch_size=16))
 
 
@@ -284,13 +285,49 @@ def test_a_scheduler_scales_the_ramped_rate_without_compounding_it(tmp_path: Pat
         [0.0025, 0.0125])  # two epoch ends: 0.25 × the constant-scale rates
 
 
-def test_a_growing_rate_needs_a_run_of_finite_length(tmp_path: Path) -> None:
-    trainer = L.Trainer(max_epochs=-1, max_steps=-1, accelerator="cpu", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False,
+class _Batches(L.Callback):
+    def __init__(self) -> None:
+        self.started = 0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self.started += 1
+
+
+def test_a_growing_rate_needs_a_run_of_finite_length_before_any_step(tmp_path: Path) -> None:
+    batches = _Batches()
+    # max_time ends the run should nothing raise; the length stays unknown to the estimate.
+    trainer = L.Trainer(max_epochs=-1, max_steps=-1, max_time="00:00:00:20", accelerator="cpu",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
-                        default_root_dir=tmp_path)
-    with pytest.raises(ConfigError, match=r"selection_lr_scale_end.*cannot tell the run's length"):
+                        default_root_dir=tmp_path, callbacks=[batches])
+    with pytest.raises(ConfigError, match=r"selection_lr_scale_end cannot tell the run's length"
+                       r".*set trainer.max_steps, or selection_lr_scale_end equal to"):
         trainer.fit(_module(), SyntheticDataModule(n_train=32, batch_size=16))
+    assert batches.started == 0
+    constant = L.Trainer(max_epochs=-1, max_steps=-1, max_time="00:00:00:02", accelerator="cpu",
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_val_batches=0,
+                         default_root_dir=tmp_path)
+    constant.fit(_module(selection_lr_scale=5.0), SyntheticDataModule(n_train=32, batch_size=16))
+    assert constant.global_step > 0  # a constant rate needs no length
+
+
+def test_a_checkpoint_written_inside_a_step_holds_the_constant_scale_rate(
+        tmp_path: Path) -> None:
+    class SaveMidStep(L.Callback):  # as a requeue signal's handler may, at any point of a step
+        def on_before_optimizer_step(self, trainer: L.Trainer, *args: object) -> None:
+            if trainer.global_step == 10:
+                trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    rates = _SelectionRates()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, default_root_dir=tmp_path,
+                        callbacks=[rates, SaveMidStep()])
+    trainer.fit(_module(), SyntheticDataModule(n_train=160, batch_size=16))
+    assert rates.logits[10] == pytest.approx(0.05 * 60.0 ** 0.5)  # the step ran ramped
+    saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["optimizer_states"][0]
+    assert sorted(g["lr"] for g in saved["param_groups"]) == pytest.approx([0.01, 0.05])
 
 
 def test_a_run_resumed_mid_ramp_ends_as_the_uninterrupted_one(tmp_path: Path) -> None:

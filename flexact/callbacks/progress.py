@@ -14,8 +14,11 @@ __all__ = ["progress_position", "run_length"]
 Interval = Literal["step", "epoch"]
 
 
-def run_length(trainer: L.Trainer, interval: Interval, total: int | None, owner: str) -> int:
+def run_length(trainer: L.Trainer, interval: Interval, total: int | None, owner: str,
+               fix: str = "set its total") -> int:
     """Number of ``interval`` units in the run: ``total`` if given, else the trainer's length.
+
+    ``fix`` ends the error message: what the owner's user can do about an unknown length.
 
     Raises:
         ConfigError: If the run's length is unknown (no max_epochs / max_steps, or an iterable
@@ -31,7 +34,7 @@ def run_length(trainer: L.Trainer, interval: Interval, total: int | None, owner:
     steps = trainer.estimated_stepping_batches
     if not math.isfinite(steps) or steps < 0:
         raise ConfigError(f"{owner} cannot tell the run's length (infinite training, or a data "
-                          "set without a length and no max_steps): set its total")
+                          f"set without a length and no max_steps): {fix}")
     return max(int(steps), 1)
 
 

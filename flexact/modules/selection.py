@@ -70,9 +70,22 @@ class SelectionSettings:
         """
         if self.lr_scale_end == self.lr_scale:
             return 1.0
-        total = run_length(trainer, "step", None, "selection_lr_scale_end")
+        total = run_length(trainer, "step", None, "selection_lr_scale_end",
+                           "set trainer.max_steps, or selection_lr_scale_end equal to "
+                           "selection_lr_scale for a constant rate")
         progress = (trainer.global_step / total - self.warmup) / (1.0 - self.warmup)
         return (self.lr_scale_end / self.lr_scale) ** min(max(progress, 0.0), 1.0)
+
+    def check_run_length(self, trainer: L.Trainer) -> None:
+        """Refuse, before the first step, a schedule that needs an unknown run length.
+
+        Raises:
+            ConfigError: If the warm-up or a changing rate meets a run of unknown length.
+        """
+        if self.warmup > 0:
+            run_length(trainer, "step", None, "selection_warmup",
+                       "set trainer.max_steps, or selection_warmup: 0")
+        self.lr_factor(trainer)
 
 
 HEAD_ONLY = SelectionSettings(lr_scale=5.0, share=False, warmup=0.0, lr_scale_end=300.0)
@@ -145,26 +158,29 @@ def freeze_selection_logits(model: nn.Module, trainer: L.Trainer, warmup: float)
     """
     if warmup <= 0:
         return False
-    if trainer.global_step >= warmup * run_length(trainer, "step", None, "selection_warmup"):
+    total = run_length(trainer, "step", None, "selection_warmup",
+                       "set trainer.max_steps, or selection_warmup: 0")
+    if trainer.global_step >= warmup * total:
         return False
     for logits in selection_logits(model):
         logits.grad = None
     return True
 
 
+def _logit_groups(param_groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [g for g in param_groups if LR_SCALE_KEY in g and isinstance(g.get("lr"), (int, float))]
+
+
 @contextmanager
-def ramped_selection_lr(optimizer: Any, settings: SelectionSettings,
-                        trainer: L.Trainer) -> Iterator[None]:
-    """Run one optimizer step with the selection logits' rate of this point of the run.
+def ramped_selection_lr(optimizer: Any, factor: float) -> Iterator[None]:
+    """Run one optimizer step with the selection logits' rate times ``factor``.
 
     The logits' groups (:data:`flexact.nn.params.LR_SCALE_KEY`) get their rate times
-    :meth:`SelectionSettings.lr_factor` for the step and their own rate back right after it,
-    so schedulers and checkpoints only ever see the constant-scale rate. The factor depends on
-    the global step alone: every rank and a resumed run use the same.
+    ``factor`` (:meth:`SelectionSettings.lr_factor`) for the step and their own rate back right
+    after it, so schedulers only ever see the constant-scale rate. The factor depends on the
+    global step alone: every rank and a resumed run use the same.
     """
-    factor = settings.lr_factor(trainer)
-    groups = [g for g in optimizer.param_groups
-              if LR_SCALE_KEY in g and isinstance(g.get("lr"), (int, float))]
+    groups = _logit_groups(optimizer.param_groups)
     saved = [g["lr"] for g in groups]
     for group in groups:
         group["lr"] = group["lr"] * factor
@@ -185,6 +201,13 @@ class SelectionSchedule:
     selection: SelectionSettings
     model: nn.Module
     trainer: L.Trainer
+    _selection_lr_factor = 1.0  # the factor in force while a step runs
+
+    def on_train_start(self) -> None:
+        """Refuse a schedule that needs the run's length before any step, if it is unknown."""
+        # Not in on_fit_start: the length would set up the data loaders early, out of the
+        # order a resumed run restores its random state in.
+        self.selection.check_run_length(self.trainer)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """No selection-logit update during the warm-up (``selection_warmup``)."""
@@ -193,9 +216,23 @@ class SelectionSchedule:
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
                        optimizer_closure: Any = None) -> None:
         """Step with the logits' rate of this point of the run (``selection_lr_scale_end``)."""
-        with ramped_selection_lr(optimizer, self.selection, self.trainer):
-            super().optimizer_step(epoch, batch_idx, optimizer,  # type: ignore[misc]
-                                   optimizer_closure)
+        self._selection_lr_factor = self.selection.lr_factor(self.trainer)
+        try:
+            with ramped_selection_lr(optimizer, self._selection_lr_factor):
+                super().optimizer_step(epoch, batch_idx, optimizer,  # type: ignore[misc]
+                                       optimizer_closure)
+        finally:
+            self._selection_lr_factor = 1.0
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Save the constant-scale rate even when a checkpoint is written inside a step.
+
+        A signal handler (SLURM's requeue) can save while the step's factor is in force.
+        """
+        if self._selection_lr_factor != 1.0:
+            for state in checkpoint.get("optimizer_states", []):
+                for group in _logit_groups(state.get("param_groups", [])):
+                    group["lr"] = group["lr"] / self._selection_lr_factor
 
 
 def check_shared_checkpoint(state_dict: dict[str, object], share: bool) -> None:
