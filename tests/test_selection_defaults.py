@@ -136,7 +136,7 @@ def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
     assert not migrate_hparams(old)  # once migrated, nothing more to do
     module = _module(**{k: v for k, v in old.items() if k != "flexact"})
     assert not module.selection.share and module.selection.warmup == 0.0
-    assert module.selection.lr_factor(None) == 1.0  # type: ignore[arg-type]  # constant
+    assert module.selection.lr_factor(7, 10) == 1.0  # constant
     newer = {"swap_backbone": False, "selection_lr_scale": 5.0, "share_selection": False,
              "selection_warmup": 0.0, "selection_lr_scale_end": 300.0}
     assert not migrate_hparams(newer) and newer["selection_lr_scale_end"] == 300.0
@@ -145,14 +145,19 @@ def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
     assert not migrate_hparams(other) and other == {"lr": 0.1}
 
 
-def test_a_run_resumed_inside_the_warmup_ends_as_the_uninterrupted_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("settings", "at"), [
+    ({"swap_backbone": True, "selection_warmup": 0.5}, 6),  # inside the warm-up (steps 0–9)
+    ({}, 7),  # the head's default: midway through its growing rate
+], ids=["inside-warmup", "mid-ramp"])
+def test_a_resumed_run_ends_as_the_uninterrupted_one(tmp_path: Path, settings: dict[str, object],
+                                                     at: int) -> None:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from flexact.callbacks import RNGState
 
     def fit(root: Path, extra: list[L.Callback], ckpt: Path | None = None) -> FlexActRegressor:
         L.seed_everything(0)
-        module = _module(swap_backbone=True, selection_warmup=0.5)
+        module = _module(**settings)
         trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False,
                             enable_progress_bar=False, enable_model_summary=False,
                             limit_val_batches=0, default_root_dir=root,
@@ -161,9 +166,9 @@ def test_a_run_resumed_inside_the_warmup_ends_as_the_uninterrupted_one(tmp_path:
         return module
 
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}",
-                            every_n_train_steps=6, save_top_k=-1)
+                            every_n_train_steps=at, save_top_k=-1)
     full = fit(tmp_path / "full", [saver])
-    resumed = fit(tmp_path / "resumed", [], tmp_path / "ckpt" / "step=6.ckpt")  # warm-up: 10
+    resumed = fit(tmp_path / "resumed", [], tmp_path / "ckpt" / f"step={at}.ckpt")
     tensors = {k: v for k, v in full.state_dict().items() if isinstance(v, torch.Tensor)}
     assert any(k.endswith("logits") for k in tensors)
     for key, value in tensors.items():
@@ -328,28 +333,3 @@ def test_a_checkpoint_written_inside_a_step_holds_the_constant_scale_rate(
     assert rates.logits[10] == pytest.approx(0.05 * 60.0 ** 0.5)  # the step ran ramped
     saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["optimizer_states"][0]
     assert sorted(g["lr"] for g in saved["param_groups"]) == pytest.approx([0.01, 0.05])
-
-
-def test_a_run_resumed_mid_ramp_ends_as_the_uninterrupted_one(tmp_path: Path) -> None:
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from flexact.callbacks import RNGState
-
-    def fit(root: Path, extra: list[L.Callback], ckpt: Path | None = None) -> FlexActRegressor:
-        L.seed_everything(0)
-        module = _module()
-        trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False,
-                            enable_progress_bar=False, enable_model_summary=False,
-                            limit_val_batches=0, default_root_dir=root,
-                            callbacks=[RNGState(), *extra])
-        trainer.fit(module, SyntheticDataModule(n_train=160, batch_size=16), ckpt_path=ckpt)
-        return module
-
-    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}",
-                            every_n_train_steps=7, save_top_k=-1)
-    full = fit(tmp_path / "full", [saver])
-    resumed = fit(tmp_path / "resumed", [], tmp_path / "ckpt" / "step=7.ckpt")
-    tensors = {k: v for k, v in full.state_dict().items() if isinstance(v, torch.Tensor)}
-    assert any(k.endswith("logits") for k in tensors)
-    for key, value in tensors.items():
-        assert torch.equal(value, resumed.state_dict()[key]), key

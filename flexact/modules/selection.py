@@ -31,7 +31,7 @@ from torch import nn
 from flexact.callbacks.progress import run_length
 from flexact.errors import ConfigError
 from flexact.nn import FlexAct, flexact_layers
-from flexact.nn.params import LR_SCALE_KEY
+from flexact.nn.params import selection_groups
 from flexact.nn.surgery import share_selection as tie_selections
 
 __all__ = ["EVERYWHERE", "HEAD_ONLY", "SelectionSchedule", "SelectionSettings",
@@ -62,30 +62,30 @@ class SelectionSettings:
         return {"selection_lr_scale": self.lr_scale, "share_selection": self.share,
                 "selection_warmup": self.warmup, "selection_lr_scale_end": self.lr_scale_end}
 
-    def lr_factor(self, trainer: L.Trainer) -> float:
-        """The logits' rate at the trainer's step over their rate at the start (1: constant).
+    def lr_factor(self, step: int, total: int) -> float:
+        """The logits' rate at optimizer step ``step`` of ``total`` over their rate at the start.
 
-        Raises:
-            ConfigError: If the rate changes and the run has no known, finite length.
+        1 for a constant rate; grows geometrically from the warm-up's end to the run's end.
         """
         if self.lr_scale_end == self.lr_scale:
             return 1.0
-        total = run_length(trainer, "step", None, "selection_lr_scale_end",
-                           "set trainer.max_steps, or selection_lr_scale_end equal to "
-                           "selection_lr_scale for a constant rate")
-        progress = (trainer.global_step / total - self.warmup) / (1.0 - self.warmup)
+        progress = (step / total - self.warmup) / (1.0 - self.warmup)
         return (self.lr_scale_end / self.lr_scale) ** min(max(progress, 0.0), 1.0)
 
-    def check_run_length(self, trainer: L.Trainer) -> None:
-        """Refuse, before the first step, a schedule that needs an unknown run length.
+    def run_steps(self, trainer: L.Trainer) -> int | None:
+        """The run's optimizer steps where the warm-up or a changing rate needs them, else None.
 
         Raises:
-            ConfigError: If the warm-up or a changing rate meets a run of unknown length.
+            ConfigError: If they are needed and the run has no known, finite length.
         """
         if self.warmup > 0:
-            run_length(trainer, "step", None, "selection_warmup",
-                       "set trainer.max_steps, or selection_warmup: 0")
-        self.lr_factor(trainer)
+            return run_length(trainer, "step", None, "selection_warmup",
+                              "set trainer.max_steps, or selection_warmup: 0")
+        if self.lr_scale_end != self.lr_scale:
+            return run_length(trainer, "step", None, "selection_lr_scale_end",
+                              "set trainer.max_steps, or selection_lr_scale_end equal to "
+                              "selection_lr_scale for a constant rate")
+        return None
 
 
 HEAD_ONLY = SelectionSettings(lr_scale=5.0, share=False, warmup=0.0, lr_scale_end=300.0)
@@ -142,33 +142,22 @@ def selection_logits(model: nn.Module) -> Iterable[nn.Parameter]:
     return {id(layer.logits): layer.logits for _, layer in flexact_layers(model)}.values()
 
 
-def freeze_selection_logits(model: nn.Module, trainer: L.Trainer, warmup: float) -> bool:
-    """Drop the logits' gradients during the first ``warmup`` of the trainer's optimizer steps.
+def freeze_selection_logits(model: nn.Module, step: int, total: int, warmup: float) -> bool:
+    """Drop the logits' gradients while ``step`` is in the first ``warmup`` of ``total`` steps.
 
     With no gradient the optimizer skips them altogether (Adam's moments stay empty), so the
-    logits start learning after the warm-up as from scratch. The run's length and position are
-    SelectionCommit's (:func:`flexact.callbacks.progress.run_length`, the global step): every
-    rank and a resumed run agree on them.
+    logits start learning after the warm-up as from scratch. ``step`` is the trainer's global
+    step and ``total`` the run's length (:meth:`SelectionSettings.run_steps`): every rank and a
+    resumed run agree on them.
 
     Returns:
         Whether the logits were frozen at this step.
-
-    Raises:
-        ConfigError: If the run has no known, finite length to take the fraction of.
     """
-    if warmup <= 0:
-        return False
-    total = run_length(trainer, "step", None, "selection_warmup",
-                       "set trainer.max_steps, or selection_warmup: 0")
-    if trainer.global_step >= warmup * total:
+    if warmup <= 0 or step >= warmup * total:
         return False
     for logits in selection_logits(model):
         logits.grad = None
     return True
-
-
-def _logit_groups(param_groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [g for g in param_groups if LR_SCALE_KEY in g and isinstance(g.get("lr"), (int, float))]
 
 
 @contextmanager
@@ -180,7 +169,7 @@ def ramped_selection_lr(optimizer: Any, factor: float) -> Iterator[None]:
     after it, so schedulers only ever see the constant-scale rate. The factor depends on the
     global step alone: every rank and a resumed run use the same.
     """
-    groups = _logit_groups(optimizer.param_groups)
+    groups = selection_groups(optimizer.param_groups)
     saved = [g["lr"] for g in groups]
     for group in groups:
         group["lr"] = group["lr"] * factor
@@ -201,22 +190,34 @@ class SelectionSchedule:
     selection: SelectionSettings
     model: nn.Module
     trainer: L.Trainer
+    _selection_steps: int | None = None  # the run's optimizer steps, read at train start
     _selection_lr_factor = 1.0  # the factor in force while a step runs
 
+    def _run_steps(self) -> int | None:
+        """The run's length for the schedule (read once a fit, at train start)."""
+        if self._selection_steps is None:  # a subclass's on_train_start that skipped super()
+            return self.selection.run_steps(self.trainer)
+        return self._selection_steps
+
     def on_train_start(self) -> None:
-        """Refuse a schedule that needs the run's length before any step, if it is unknown."""
+        """Read the run's length once; refuse, before any step, an unknown one it needs."""
         # Not in on_fit_start: the length would set up the data loaders early, out of the
         # order a resumed run restores its random state in.
-        self.selection.check_run_length(self.trainer)
+        self._selection_steps = self.selection.run_steps(self.trainer)
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """No selection-logit update during the warm-up (``selection_warmup``)."""
-        freeze_selection_logits(self.model, self.trainer, self.selection.warmup)
+        total = self._run_steps()
+        if total is not None:
+            freeze_selection_logits(self.model, self.trainer.global_step, total,
+                                    self.selection.warmup)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any,
                        optimizer_closure: Any = None) -> None:
         """Step with the logits' rate of this point of the run (``selection_lr_scale_end``)."""
-        self._selection_lr_factor = self.selection.lr_factor(self.trainer)
+        total = self._run_steps()
+        if total is not None:
+            self._selection_lr_factor = self.selection.lr_factor(self.trainer.global_step, total)
         try:
             with ramped_selection_lr(optimizer, self._selection_lr_factor):
                 super().optimizer_step(epoch, batch_idx, optimizer,  # type: ignore[misc]
@@ -231,7 +232,7 @@ class SelectionSchedule:
         """
         if self._selection_lr_factor != 1.0:
             for state in checkpoint.get("optimizer_states", []):
-                for group in _logit_groups(state.get("param_groups", [])):
+                for group in selection_groups(state.get("param_groups", [])):
                     group["lr"] = group["lr"] / self._selection_lr_factor
 
 

@@ -9,6 +9,7 @@ gradient, which plain DDP treats as an error unless it searches the graph every 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from torch import nn
@@ -16,7 +17,7 @@ from torch import nn
 from flexact.nn.layer import FlexAct, flexact_layers
 from flexact.nn.registry import is_activation_module
 
-__all__ = ["LR_SCALE_KEY", "parameter_groups", "scale_selection_lr",
+__all__ = ["LR_SCALE_KEY", "parameter_groups", "scale_selection_lr", "selection_groups",
            "unused_selection_parameters"]
 
 LR_SCALE_KEY = "selection_lr_scale"
@@ -68,10 +69,17 @@ def scale_selection_lr(optimizer: Any, scale: float) -> None:
     """
     if scale <= 0:
         raise ValueError(f"selection_lr_scale must be > 0, got {scale!r}")
-    for group in optimizer.param_groups:
-        if LR_SCALE_KEY in group and isinstance(group.get("lr"), (int, float)):
-            group["lr"] = group["lr"] / group[LR_SCALE_KEY] * scale
-            group[LR_SCALE_KEY] = scale
+    for group in selection_groups(optimizer.param_groups):
+        group["lr"] = group["lr"] / group[LR_SCALE_KEY] * scale
+        group[LR_SCALE_KEY] = scale
+
+
+def selection_groups(param_groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The selection logits' groups (:data:`LR_SCALE_KEY`) with a numeric learning rate.
+
+    ``param_groups``: an optimizer's, or those of its saved state dict.
+    """
+    return [g for g in param_groups if LR_SCALE_KEY in g and isinstance(g.get("lr"), (int, float))]
 
 
 def unused_selection_parameters(model: nn.Module) -> list[nn.Parameter]:
