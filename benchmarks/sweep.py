@@ -377,6 +377,8 @@ def interleaved(task: Task, seed: int) -> list[tuple[str | None, Variant | None]
     sweep: list[tuple[str | None, Variant | None]] = [(a, None) for a in task.sweep_members()]
     flex: list[tuple[str | None, Variant | None]] = [(None, v) for v in task.variants]
     sweep = sweep[seed % len(sweep):] + sweep[:seed % len(sweep)]
+    if not flex:  # --variants matched none of this task's: the sweep alone
+        return sweep
     flex = flex[seed % len(flex):] + flex[:seed % len(flex)]
     order: list[tuple[str | None, Variant | None]] = []
     n_flex, total = len(flex), len(sweep) + len(flex)

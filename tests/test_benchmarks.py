@@ -156,6 +156,23 @@ def test_sweep_members_of_the_head_only_sweep_keep_the_backbones_relu() -> None:
     assert sweep.TASKS["synthetic-tanh"].reference(head_variant) == ""
 
 
+
+def test_interleaving_keeps_every_run_once_and_runs_a_sweep_alone_without_variants() -> None:
+    """Each seed's order holds every sweep member and variant once; ``--variants`` matching none
+    of a task's variants leaves the sweep alone (it divided by zero before)."""
+    import dataclasses
+
+    sweep = _load("sweep")
+    task = sweep.TASKS["teacher-d8-relu"]
+    for seed in range(3):
+        order = sweep.interleaved(task, seed)
+        runs = [(a, None) for a in task.sweep_members()] + [(None, v) for v in task.variants]
+        assert sorted(map(str, order)) == sorted(map(str, runs))
+    alone = dataclasses.replace(task, variants=[])
+    assert sweep.interleaved(alone, 1) == [
+        (a, None) for a in task.sweep_members()[1:] + task.sweep_members()[:1]]
+
+
 def _script(*args: str) -> str:
     import subprocess
 
