@@ -157,6 +157,8 @@ EVERYWHERE_VARIANTS = [
             selection_lr_scale=100.0, select_after=0.3),
     Variant("everywhere, shared, α=0, selection lr ×30 after 30 %", 0.0, everywhere=True,
             shared=True, selection_lr_scale=30.0, select_after=0.3),
+    Variant("everywhere, shared, α=0, selection lr ×300 after 50 %", 0.0, everywhere=True,
+            shared=True, selection_lr_scale=300.0, select_after=0.5),
     Variant("everywhere, α=0, selection lr ×30", 0.0, everywhere=True, selection_lr_scale=30.0),
     Variant("everywhere, α=0, hard, selection lr ×10", 0.0, everywhere=True, hard=True),
     Variant("everywhere, α=0, selection lr ×30 after 30 %", 0.0, everywhere=True,
