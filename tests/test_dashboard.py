@@ -308,7 +308,8 @@ def test_tensorboard_server_serves_series_layout_and_every_heatmap(run_dir: Path
                 if tags.get("version_0", {}).get("tau") and "long" in images:  # type: ignore
                     break
             except OSError:
-                pass
+                # exited: e.g. a parallel test worker took the port between pick and bind
+                assert server.poll() is None, f"tensorboard exited ({server.returncode})"
             time.sleep(0.5)
         assert "selection/head.flexact/tanh" in tags["version_0"]
         series = _get_json(f"{base}/scalars/scalars?run=version_0&tag=tau")

@@ -55,12 +55,12 @@ def http_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
 
 @pytest.fixture
-def dead_url() -> str:
+def dead_url() -> Iterator[str]:
     """A URL on a local port where nothing listens (no network, fails at once)."""
     with socket.socket() as s:
+        # Bound but not listening for the whole test: a parallel test worker cannot take it.
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
+        yield f"http://127.0.0.1:{s.getsockname()[1]}/"
 
 
 @pytest.fixture

@@ -131,10 +131,10 @@ def test_expression_truth_and_teacher_activation() -> None:
 
 # --------------------------------------------------------------------------- teacher
 def test_teacher_splits_lie_in_their_shells_and_are_fast() -> None:
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a parallel test worker does not count
     dm = TeacherDataModule(n_features=10, n_samples=10000, ood_region=(1.0, 3.0))
     dm.setup("fit")
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert [len(dm.splits[s]) for s in SPLITS] == [7000, 1000, 2000]  # as without a region
     _check_regions(dm, 1.0, 3.0)
     far = TeacherDataModule(n_features=100, n_samples=1000, ood_region=(1.3, 1.4))

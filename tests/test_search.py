@@ -216,7 +216,7 @@ def test_a_worker_leaving_does_not_wait_without_running_trials(tmp_path: Path) -
     study = optuna.create_study(study_name="s", storage=open_storage(str(tmp_path / "s.db"), 1))
     start = time.monotonic()
     _drain_stale(study, lambda trial: 0.0, heartbeat=5)
-    assert time.monotonic() - start < 1 and not study.trials
+    assert time.monotonic() - start < 4 and not study.trials  # waiting would take ≥ 5 s
 
 
 @pytest.mark.slow
