@@ -117,7 +117,9 @@ class Variant:
     select_after: float | None = 0.0  # selection_warmup: logits fixed for this fraction
     shared: bool | None = False  # one selection for every layer (share_selection)
     selection_lr: float | None = None  # the logits' own learning rate (replaces the scale)
-    standardized: bool = False  # selection_gradient="standardized" (equal footing)
+    # selection_gradient: True "standardized" (equal footing), False "raw", None "auto" (the
+    # default: standardized in a head-only head before an affine map, raw elsewhere)
+    standardized: bool | None = False
 
 
 HEAD_VARIANTS = [
@@ -125,7 +127,10 @@ HEAD_VARIANTS = [
     Variant("head, α=0, selection lr ×1", 0.0, selection_lr_scale=1.0),
     Variant("head, α=0.3, selection lr ×10", 0.3),
     Variant("head, α=0.1, selection lr ×10", 0.1),
-    Variant("head, α=0, selection lr ×5 → ×300 (flexact's default)", 0.0,
+    Variant("head, α=0, selection lr ×5 → ×300, standardized before an affine map "
+            "(flexact's default)", 0.0, selection_lr_scale=None, select_after=None,
+            standardized=None),
+    Variant("head, α=0, selection lr ×5 → ×300 (the previous default)", 0.0,
             selection_lr_scale=None, select_after=None),
     Variant("head, α=0, selection lr ×10 (the earlier default)", 0.0),
     Variant("head, α=0, selection lr ×5", 0.0, selection_lr_scale=5.0),
@@ -152,7 +157,8 @@ EVERYWHERE_VARIANTS = [
             regularize_backbone=False, kl_reduction="sum"),
     Variant("everywhere, α=0, selection lr ×10 (the earlier default)", 0.0, everywhere=True),
     Variant("everywhere, shared, α=0, selection lr ×100 after 30 % (flexact's default)", 0.0,
-            everywhere=True, shared=None, selection_lr_scale=None, select_after=None),
+            everywhere=True, shared=None, selection_lr_scale=None, select_after=None,
+            standardized=None),
     Variant("everywhere, α=0, selection lr ×100 after 30 %", 0.0, everywhere=True,
             selection_lr_scale=100.0, select_after=0.3),
     Variant("everywhere, shared, α=0, selection lr ×30 after 30 %", 0.0, everywhere=True,
@@ -225,8 +231,7 @@ class Task:
         common: dict[str, Any] = {
             "flexact": {"candidates": candidates, "kl_lambda": KL_LAMBDA,
                         "hard": variant is not None and variant.hard,
-                        "selection_gradient": "standardized" if variant is not None
-                        and variant.standardized else "raw"},
+                        "selection_gradient": _gradient(variant)},
             "alpha": 0.0 if variant is None else variant.alpha,
             "selection_warmup": 0.0 if variant is None else variant.select_after,
             "selection_lr_scale": 1.0 if variant is None else (
@@ -256,6 +261,13 @@ class Task:
                                activation=act, dropout=0.0)
             head = {"num_classes": 2, "hidden_features": 16}
         return _fix(FlexActClassifier(backbone=backbone, **head, **common), activation)
+
+
+def _gradient(variant: Variant | None) -> str:
+    """The run's ``selection_gradient`` (a sweep member has one candidate: raw)."""
+    if variant is None or variant.standardized is False:
+        return "raw"
+    return "auto" if variant.standardized is None else "standardized"
 
 
 def _fix(module: L.LightningModule, activation: str | None) -> L.LightningModule:

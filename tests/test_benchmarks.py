@@ -48,7 +48,7 @@ def test_overhead_benchmark_smoke(extra: list[str], capsys: pytest.CaptureFixtur
                                    "--no-write", *extra])
     assert [r["comparison"].split(":")[0] for r in rows] == [
         "ResNet18", "heads alone on (2, 512) features", "ResNet18", "ResNet18", "ResNet18",
-        "layer alone on (8, 64, 32, 32)"]
+        "layer alone on (8, 64, 32, 32)", "heads alone on (2, 512) features, FlexAct standardized"]
     for row in rows:
         assert row["time_ratio"] > 0 and row["memory_ratio"] >= 1.0
         assert 0 < row["base_kernels"] <= row["flexact_kernels"]
@@ -57,6 +57,7 @@ def test_overhead_benchmark_smoke(extra: list[str], capsys: pytest.CaptureFixtur
     assert committed["flexact_kernels"] <= committed["base_kernels"] + 10
     out = capsys.readouterr().out
     assert "time ratio" in out and "Head overhead measured directly" in out
+    assert "with the standardized selection gradient" in out
 
 
 def test_pipeline_benchmark_smoke() -> None:

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from flexact import ConfigError, FlexAct
-from flexact.nn.footing import standardize_selection_gradient
+from flexact.nn.footing import standardized_weights
 
 
 class _Affine(nn.Module):
@@ -24,9 +24,10 @@ class _Affine(nn.Module):
 def _weight_grad(candidates: list[nn.Module], x: torch.Tensor, g: torch.Tensor,
                  standardized: bool) -> torch.Tensor:
     weights = torch.full((len(candidates),), 1.0 / len(candidates), requires_grad=True)
-    out = sum(w * c(x) for w, c in zip(weights, candidates, strict=True))
-    if standardized:
-        out = standardize_selection_gradient(out, x, weights, candidates, None)
+    mixing, offset = (standardized_weights(x, weights, candidates, None) if standardized
+                      else (weights, torch.zeros(())))
+    out = sum(w * c(x) for w, c in zip(mixing, candidates, strict=True)) + offset
+    torch.testing.assert_close(out, sum(w * c(x) for w, c in zip(weights, candidates, strict=True)))
     (grad,) = torch.autograd.grad(out, weights, g)
     return grad
 
@@ -41,6 +42,21 @@ def test_the_weight_gradient_ignores_a_candidates_scale_and_offset() -> None:
     torch.testing.assert_close(std[0], std[1], rtol=1e-4, atol=1e-5)
     z = (torch.relu(x) - torch.relu(x).mean()) / torch.relu(x).std()
     torch.testing.assert_close(std[2], (g * z).sum(), rtol=1e-4, atol=1e-4)
+
+
+def test_per_channel_weights_see_each_channels_standardized_outputs() -> None:
+    gen = torch.Generator().manual_seed(1)
+    x, g = torch.randn(16, 3, 5, generator=gen), torch.randn(16, 3, 5, generator=gen)
+    x = x * torch.tensor([0.5, 2.0, 4.0]).reshape(1, 3, 1)  # channels of different scales
+    candidates: list[nn.Module] = [nn.ReLU(), _Affine(3.0, -1.0), nn.Identity()]
+    weights = torch.full((3, 3), 1 / 3, requires_grad=True)
+    mixing, offset = standardized_weights(x, weights, candidates, 1)
+    out = sum(mixing[:, j].reshape(1, 3, 1) * c(x) for j, c in enumerate(candidates)) + offset
+    (grad,) = torch.autograd.grad(out, weights, g)
+    for j, candidate in enumerate(candidates):
+        f = candidate(x)
+        z = (f - f.mean(dim=(0, 2), keepdim=True)) / f.std(dim=(0, 2), keepdim=True)
+        torch.testing.assert_close(grad[:, j], (g * z).sum(dim=(0, 2)), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
@@ -80,5 +96,27 @@ def test_a_standardized_layer_trains_and_picks_the_truth() -> None:
 
 
 def test_a_bad_selection_gradient_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="selection_gradient must be 'raw' or 'standardized'"):
+    message = "selection_gradient must be 'auto', 'raw' or 'standardized'"
+    with pytest.raises(ConfigError, match=message):
         FlexAct(selection_gradient="scaled")
+
+
+@pytest.mark.parametrize(("kwargs", "expected"), [
+    ({}, "standardized"),  # a head-only head whose output map absorbs scale and offset
+    ({"hidden_features": None}, "raw"),  # FlexAct's output is the prediction
+    ({"swap_backbone": True}, "raw"),  # everywhere: the measured raw default, head included
+    ({"flexact": {"selection_gradient": "raw"}}, "raw"),  # asked for (and old checkpoints)
+])
+def test_auto_standardizes_a_head_only_head_before_an_affine_map(kwargs: dict,
+                                                                 expected: str) -> None:
+    from flexact.backbones import MLP
+    from flexact.modules import FlexActClassifier
+    from flexact.nn.layer import flexact_layers
+
+    settings = {"hidden_features": 8, **kwargs}
+    module = FlexActClassifier(backbone=MLP(4, hidden=[6]), num_classes=3, **settings)
+    layers = dict(flexact_layers(module.model))
+    assert layers["head.flexact"].selection_gradient == expected
+    assert all(layer.selection_gradient == "raw" for name, layer in layers.items()
+               if name != "head.flexact")
+    assert FlexAct().selection_gradient == "raw"  # a bare layer: "auto" is raw

@@ -14,21 +14,14 @@ from torch import Tensor, nn
 from flexact.errors import ConfigError
 from flexact.nn.basis import basis_rows
 from flexact.nn.batchnorm import batchnorm_mixture, fusable_batchnorm
-from flexact.nn.footing import standardize_selection_gradient
+from flexact.nn.footing import standardized_weights
 from flexact.nn.gumbel import gumbel_softmax
 from flexact.nn.kernels import closed_form_mixture
 from flexact.nn.mixture import _general_mixture, apply_per_channel, channel_dim_of, mixture
 from flexact.nn.norms import all_ranks_mean, gradient_norms
 from flexact.nn.pruning import PruningMixin
 from flexact.nn.registry import get_activation
-from flexact.nn.spec import (
-    CandidateStateMixin,
-    EvalMode,
-    FlexActSpec,
-    Granularity,
-    Mode,
-    check_tau,
-)
+from flexact.nn.spec import CandidateStateMixin, EvalMode, FlexActSpec, Granularity, Mode, check_tau
 
 __all__ = ["FlexAct", "flexact_layers"]
 
@@ -84,6 +77,9 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
         self.regularize = bool(regularize)
         self.mode: Mode = spec.mode
         self.compact_memory = spec.compact_memory
+        # "auto" is raw in a bare layer; a Lightning module's head may resolve it (selection.py)
+        gradient = spec.selection_gradient
+        self.selection_gradient: str = "raw" if gradient == "auto" else gradient
         # Committed: the pick is final; train and eval both apply exactly the picked activation.
         self.committed = False
         self._committed_picks: Tensor | None = None
@@ -155,6 +151,9 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
         # norms run through an input weight (docs/method.md eq. 1): then they are measured here.
         own_norms = measure and input_weight is None
         live = self.live_candidates()
+        offset = None
+        if self.selection_gradient == "standardized" and weights.requires_grad:
+            weights, offset = standardized_weights(x, weights, live, channel_dim)
         closed = closed_form_mixture(x, weights, live, channel_dim, save_dtype,
                                      want_norms=own_norms)
         norms = None if closed is None else closed[1]
@@ -163,9 +162,7 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
         elif measure:
             self._targets = self._pseudo_probabilities(x, input_weight, channel_dim)
         out = closed[0] if closed else _general_mixture(x, weights, live, channel_dim, save_dtype)
-        if self.spec.selection_gradient == "standardized" and weights.requires_grad:
-            out = standardize_selection_gradient(out, x, weights, live, channel_dim)
-        return out
+        return out if offset is None else out + offset.to(out.dtype)
 
     def _channel_dim(self, x: Tensor) -> int | None:
         """The input's channel dimension (non-negative) for per-channel layers, else ``None``."""
@@ -193,7 +190,7 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
         """
         channel_dim = self._channel_dim(z)
         rows = None
-        if (self.training and not self.committed and self.spec.selection_gradient == "raw"
+        if (self.training and not self.committed and self.selection_gradient == "raw"
                 and not (self._forward_hooks or self._forward_pre_hooks)  # they expect a call
                 and fusable_batchnorm(z, norm, channel_dim, residual)):
             rows = basis_rows(self.live_candidates())
@@ -289,7 +286,7 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
         return (
             f"candidates={list(self.candidate_names)}, granularity={self.granularity!r}{extra}, "
             f"hard={self.hard}, eval_mode={self.eval_mode!r}, kl_lambda={self.kl_lambda}, "
-            f"mode={self.mode!r}"
+            f"mode={self.mode!r}, selection_gradient={self.selection_gradient!r}"
         )
 
 

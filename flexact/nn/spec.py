@@ -27,7 +27,7 @@ __all__ = ["CandidateStateMixin", "EvalMode", "FlexActSpec", "Granularity", "Mod
 Granularity = Literal["layer", "channel"]
 EvalMode = Literal["argmax", "expected"]
 Mode = Literal["gumbel", "blend"]
-SelectionGradient = Literal["raw", "standardized"]
+SelectionGradient = Literal["auto", "raw", "standardized"]
 
 
 @dataclass(frozen=True)
@@ -59,8 +59,11 @@ class FlexActSpec:
             comments), e.g. the ``top.txt`` of ``flexact search``; replaces ``candidates``.
         selection_gradient: ``raw``: the logits' gradient of the plain mixture; ``standardized``:
             taken against each candidate's output standardized over the batch, so that a
-            candidate's scale and offset do not decide its pick (docs/method.md §5); it evaluates
-            every candidate once more per training forward and skips the batch-norm fusion.
+            candidate's scale and offset do not decide its pick (docs/method.md §5; it evaluates
+            every candidate once more per training forward and skips the batch-norm fusion);
+            ``auto``: standardized in a Lightning module's FlexAct head that an affine map
+            follows (``hidden_features``) and that selects on its own (no ``swap_backbone``),
+            raw elsewhere.
     """
 
     candidates: Sequence[str] = PAPER_CANDIDATES
@@ -74,7 +77,7 @@ class FlexActSpec:
     compact_memory: bool = False
     candidate_kwargs: Mapping[str, Mapping[str, Any]] | None = None
     candidates_file: str | None = None
-    selection_gradient: SelectionGradient = "raw"
+    selection_gradient: SelectionGradient = "auto"
 
     def __post_init__(self) -> None:
         if self.candidates_file is not None:
@@ -83,7 +86,8 @@ class FlexActSpec:
         for field, kind in (("granularity", Granularity), ("eval_mode", EvalMode),
                             ("mode", Mode), ("selection_gradient", SelectionGradient)):
             if getattr(self, field) not in get_args(kind):
-                choices = " or ".join(repr(c) for c in get_args(kind))
+                *first, last = (repr(c) for c in get_args(kind))
+                choices = f"{', '.join(first)} or {last}"
                 raise ConfigError(f"{field} must be {choices}, got {getattr(self, field)!r}")
         kl_lambda = self.kl_lambda
         if isinstance(kl_lambda, bool) or not (isinstance(kl_lambda, (int, float))
