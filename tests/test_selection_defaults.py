@@ -130,6 +130,7 @@ def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
     assert old["share_selection"] is False and old["selection_warmup"] == 0.0
     assert old["selection_lr_scale"] == 10.0  # saved: kept
     assert old["selection_lr_scale_end"] == 10.0  # before the rate could grow: constant
+    assert old["flexact"] == {"selection_gradient": "raw"}  # before "auto" was the default
     older = {"swap_backbone": False}  # before selection_lr_scale existed: trained at 1×
     assert migrate_hparams(older) and older["selection_lr_scale"] == 1.0
     assert older["selection_lr_scale_end"] == 1.0
@@ -140,6 +141,11 @@ def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
     newer = {"swap_backbone": False, "selection_lr_scale": 5.0, "share_selection": False,
              "selection_warmup": 0.0, "selection_lr_scale_end": 300.0}
     assert not migrate_hparams(newer) and newer["selection_lr_scale_end"] == 300.0
+    newest = {**newer, "flexact": {"selection_gradient": "auto"}}
+    assert not migrate_hparams(newest) and newest["flexact"]["selection_gradient"] == "auto"
+    flat = {"swap_backbone": False, "candidates": ["relu", "tanh"]}  # flexact 0.1's flat form
+    assert migrate_hparams(flat)
+    assert flat["flexact"] == {"candidates": ["relu", "tanh"], "selection_gradient": "raw"}
     # Hyper-parameters of something else than a FlexActModule are left alone.
     other = {"lr": 0.1}
     assert not migrate_hparams(other) and other == {"lr": 0.1}

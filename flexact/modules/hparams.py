@@ -12,7 +12,7 @@ back to the file.
 from __future__ import annotations
 
 import io
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -57,9 +57,14 @@ def migrate_hparams(hparams: MutableMapping[str, Any]) -> bool:
         hparams["selection_lr_scale_end"] = hparams["selection_lr_scale"]
         earlier["selection_lr_scale_end"] = hparams["selection_lr_scale"]
     legacy = {k: hparams.pop(k) for k in LEGACY_SPEC_KEYS if k in hparams}
+    spec = hparams.get("flexact")
+    if "swap_backbone" in hparams and (legacy or isinstance(spec, Mapping)) and (
+            "selection_gradient" not in (spec or {})):
+        # Saved before "auto" (standardized in a head-only head) became the default: raw.
+        legacy["selection_gradient"] = "raw"
     if not legacy:
         return bool(earlier)
-    spec = dict(hparams.get("flexact") or {})
+    spec = dict(spec or {})
     spec.update(legacy)
     hparams["flexact"] = spec
     return True
