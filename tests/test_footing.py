@@ -59,6 +59,48 @@ def test_per_channel_weights_see_each_channels_standardized_outputs() -> None:
         torch.testing.assert_close(grad[:, j], (g * z).sum(dim=(0, 2)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize(("granularity", "candidates", "drop", "dtype", "scale"), [
+    ("layer", None, (), torch.float32, 1.0),  # the closed-form mixture (a large input)
+    ("channel", None, (), torch.float32, 1.0),
+    ("layer", None, ("tanh",), torch.float32, 1.0),  # pruned: the live candidates only
+    ("layer", ("gelu", "silu", "tanh"), (), torch.float32, 1.0),  # the general mixture
+    ("layer", None, (), torch.bfloat16, 0.05),  # μ/σ ≈ 40 for Sigmoid: the sum in float32
+    ("channel", None, (), torch.bfloat16, 0.05),
+])
+def test_a_layers_weight_gradient_is_the_standardized_reference(
+        granularity: str, candidates: tuple[str, ...] | None, drop: tuple[str, ...],
+        dtype: torch.dtype, scale: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    kwargs = {"num_channels": 64} if granularity == "channel" else {}
+    if candidates:
+        kwargs["candidates"] = list(candidates)
+    layer = FlexAct(selection_gradient="standardized", granularity=granularity, **kwargs)
+    layer.drop(list(drop))
+    k = len(layer.live_names)
+    weights = torch.full((64, k) if granularity == "channel" else (k,), 1 / k, requires_grad=True)
+    layer._training_weights = lambda: weights  # type: ignore[method-assign]
+    x = (torch.randn(512, 64, generator=gen) * scale).to(dtype)
+    g = torch.randn(512, 64, generator=gen).to(dtype)
+    (grad,) = torch.autograd.grad(layer(x), weights, g)
+    dims = (0, 1) if granularity == "layer" else (0,)
+    expected = []
+    for candidate in layer.live_candidates():
+        f = candidate(x.double())
+        z = (f - f.mean(dims, keepdim=True)) / f.std(dims, keepdim=True)
+        expected.append((g.double() * z).sum(dims))
+    reference = torch.stack(expected, -1)
+    error = (grad.double() - reference).abs().max() / reference.abs().max()
+    assert error < (0.02 if dtype == torch.bfloat16 else 1e-4)  # bf16 sum of the offset: 0.14
+
+
+def test_a_batch_of_one_gives_finite_outputs_and_no_selection_gradient() -> None:
+    layer = FlexAct(selection_gradient="standardized", granularity="channel", num_channels=8)
+    out = layer(torch.randn(1, 8))
+    out.sum().backward()
+    assert torch.isfinite(out).all()
+    assert layer.logits.grad is not None and not layer.logits.grad.any()  # no shape to compare
+
+
 @pytest.mark.parametrize("granularity", ["layer", "channel"])
 def test_only_the_logits_gradient_changes(granularity: str) -> None:
     kwargs = {"num_channels": 6} if granularity == "channel" else {}

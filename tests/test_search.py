@@ -373,3 +373,24 @@ def test_a_finetune_tournament_tunes_the_top_oneshot_candidates_and_counts_their
     assert result["winner"] == min(tuned, key=tuned.get)
     assert result["scores"]["ood"] == pytest.approx(tuned[result["winner"]])  # it is kept
     assert result["steps"] == 2 * 4 + 2 * 4
+
+
+def test_a_tournament_keeps_the_heads_resolved_selection_gradient(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tournament's new FlexAct layers keep what the module resolved: a head before an
+    affine map compares candidates standardized ("auto"), the swapped backbone sites raw."""
+    config = _config(tmp_path)
+    config.write_text(config.read_text().replace("hidden_features: null", "hidden_features: 8"))
+    real, seen = oneshot_scores, {}
+
+    def spy(model, sites, candidates, evaluate):
+        seen.update({name: layer.selection_gradient for name, layer in model.named_modules()
+                     if isinstance(layer, FlexAct)})
+        return real(model, sites, candidates, evaluate)
+
+    monkeypatch.setattr(objective_module, "oneshot_scores", spy)
+    run = SearchRun([f"--config={config}"], root=tmp_path / "trials",
+                    tournament_score="oneshot")
+    run.evaluate(_Trial(), ["tanh", "identity"])
+    assert seen.pop("head.flexact") == "standardized"
+    assert seen and set(seen.values()) == {"raw"}  # the backbone's sites

@@ -12,11 +12,12 @@ forward value and every other gradient are those of the plain mixture.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["standardized_weights"]
+__all__ = ["add_offset", "standardized_weights"]
 
 
 def standardized_weights(x: Tensor, weights: Tensor, candidates: Sequence[nn.Module],
@@ -34,19 +35,47 @@ def standardized_weights(x: Tensor, weights: Tensor, candidates: Sequence[nn.Mod
         candidates: The live candidate modules, in the order of ``weights``' last dimension.
         channel_dim: The channel dimension of ``x`` for per-channel weights, else ``None``.
 
+    A candidate whose output does not vary over the batch (or a channel's), a single sample
+    included, has no shape to compare: its weight gets no gradient.
+
     Returns:
-        ``(weights', offset)``: mix with ``weights'`` in place of ``weights``, then add
-        ``offset`` (zero, shaped to broadcast against the output) to the mixture.
+        ``(weights', offset)``: mix with ``weights'`` in place of ``weights``, then add the
+        float32 ``offset`` (zero, shaped to broadcast against the output) with
+        :func:`add_offset`.
     """
     dims = [d for d in range(x.dim()) if d != channel_dim]
     with torch.no_grad():
         moments = [torch.std_mean(candidate(x).float(), dim=dims) for candidate in candidates]
-        std = torch.stack([s for s, _ in moments], dim=-1).clamp_min(1e-6).to(weights.dtype)
-        mean = torch.stack([m for _, m in moments], dim=-1).to(weights.dtype)
+        std = torch.stack([s for s, _ in moments], dim=-1)
+        mean = torch.stack([m for _, m in moments], dim=-1)
+        # 0 for a constant output, and for one sample, where std is NaN (NaN > ε is false)
+        inverse = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
     delta = weights - weights.detach()
-    offset = -(delta * (mean / std)).sum(dim=-1)  # () or (C,)
+    offset = -(delta.float() * (mean * inverse)).sum(dim=-1)  # () or (C,)
     if channel_dim is not None:  # (C,) → broadcast along x's channel dimension
         shape = [1] * x.dim()
         shape[channel_dim] = weights.shape[0]
         offset = offset.reshape(shape)
-    return weights.detach() + delta / std, offset
+    return weights.detach() + delta * inverse.to(weights.dtype), offset
+
+
+class _AddOffset(torch.autograd.Function):
+    """``out`` unchanged; the offset's gradient, ``Σ ∂L/∂out``, summed in float32."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, offset: Tensor) -> Tensor:
+        ctx.offset_shape = offset.shape
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor]:
+        return grad, grad.float().sum_to_size(ctx.offset_shape)
+
+
+def add_offset(out: Tensor, offset: Tensor) -> Tensor:
+    """``out + offset`` for the zero ``offset`` of :func:`standardized_weights`.
+
+    Its gradient ``μⱼ/σⱼ · Σ ∂L/∂out`` nearly cancels the mixture's ``⟨∂L/∂out, fⱼ⟩/σⱼ``: the
+    sum is taken in float32 even for a bfloat16 ``out``, whose rounding μⱼ/σⱼ would amplify.
+    """
+    return _AddOffset.apply(out, offset)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from flexact.errors import ConfigError
 from flexact.nn.basis import basis_rows
 from flexact.nn.batchnorm import batchnorm_mixture, fusable_batchnorm
-from flexact.nn.footing import standardized_weights
+from flexact.nn.footing import add_offset, standardized_weights
 from flexact.nn.gumbel import gumbel_softmax
 from flexact.nn.kernels import closed_form_mixture
 from flexact.nn.mixture import _general_mixture, apply_per_channel, channel_dim_of, mixture
@@ -162,7 +162,7 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
         elif measure:
             self._targets = self._pseudo_probabilities(x, input_weight, channel_dim)
         out = closed[0] if closed else _general_mixture(x, weights, live, channel_dim, save_dtype)
-        return out if offset is None else out + offset.to(out.dtype)
+        return out if offset is None else add_offset(out, offset)
 
     def _channel_dim(self, x: Tensor) -> int | None:
         """The input's channel dimension (non-negative) for per-channel layers, else ``None``."""

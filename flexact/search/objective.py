@@ -118,7 +118,10 @@ class SearchRun:
             for path in sites:
                 parent_name, _, name = path.rpartition(".")
                 parent = module.model.get_submodule(parent_name) if parent_name else module.model
-                setattr(parent, name, FlexAct(spec))
+                layer, old = FlexAct(spec), getattr(parent, name)
+                if isinstance(old, FlexAct):  # keep what the module resolved ("auto" footing)
+                    layer.selection_gradient = old.selection_gradient
+                setattr(parent, name, layer)
         pruning = PruningCallback(trial, self.metric)
         if self.objective != "both":  # Optuna prunes single-objective studies only
             cli.trainer.callbacks.append(pruning)
