@@ -6,7 +6,8 @@ candidate with large outputs (Identity, ReLU) wins the selection for its scale r
 shape, the bias docs/method.md §2 describes. Standardized, the weights receive
 ``⟨∂L/∂y, (fⱼ(x) − μⱼ)/σⱼ⟩`` instead, with ``μⱼ, σⱼ`` the batch mean and standard deviation of
 ``fⱼ(x)`` (per channel for per-channel selections). Only the weights' gradient changes: the
-forward value and every other gradient are those of the plain mixture.
+forward value and every other gradient are those of the plain mixture. The moments are each
+device's own batch's (DDP then averages the gradients, as for the raw gradient).
 """
 
 from __future__ import annotations
