@@ -266,10 +266,11 @@ def test_resume_continues_temperature(tmp_path: Path) -> None:
     assert full.taus[0] == pytest.approx(2.0) and full.taus[39] < full.taus[16] < 2.0
 
 
-def test_compile_and_channels_last_options_match_eager(tmp_path: Path) -> None:
+@pytest.mark.parametrize("swap_backbone", [True, False], ids=["everywhere", "head-standardized"])
+def test_compile_and_channels_last_options_match_eager(tmp_path: Path, swap_backbone: bool) -> None:
     backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
     kwargs = dict(num_outputs=3, hidden_features=6, example_input_shape=[3, 8, 8],
-                  swap_backbone=True)
+                  swap_backbone=swap_backbone)
     eager = FlexActClassifier(backbone=backbone, **kwargs)  # type: ignore[arg-type]
     fast = FlexActClassifier(backbone=nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(),
                                                     nn.AdaptiveAvgPool2d(1), nn.Flatten()),
@@ -286,7 +287,11 @@ def test_compile_and_channels_last_options_match_eager(tmp_path: Path) -> None:
     out_fast = fast(x)
     torch.testing.assert_close(out_fast, out_eager, rtol=1e-5, atol=1e-6)
     out_fast.sum().backward()
-    assert fast.head.flexact.logits.grad is not None
+    out_eager.sum().backward()
+    assert fast.head.flexact.selection_gradient == eager.head.flexact.selection_gradient == (
+        "raw" if swap_backbone else "standardized")
+    torch.testing.assert_close(fast.head.flexact.logits.grad, eager.head.flexact.logits.grad,
+                               rtol=1e-4, atol=1e-6)
     assert fast._compiled_forward is not None
     assert set(fast.state_dict()) == set(eager.state_dict())  # no _orig_mod. prefixes
 
