@@ -117,9 +117,9 @@ class Variant:
     select_after: float | None = 0.0  # selection_warmup: logits fixed for this fraction
     shared: bool | None = False  # one selection for every layer (share_selection)
     selection_lr: float | None = None  # the logits' own learning rate (replaces the scale)
-    # selection_gradient: True "standardized" (equal footing), False "raw", None "auto" (the
-    # default: standardized in a head-only head before an affine map, raw elsewhere)
-    standardized: bool | None = False
+    # "standardized" (equal footing), "raw", or "auto" (the default: standardized in a
+    # head-only head before an affine map, raw elsewhere)
+    selection_gradient: str = "raw"
 
 
 HEAD_VARIANTS = [
@@ -129,7 +129,7 @@ HEAD_VARIANTS = [
     Variant("head, α=0.1, selection lr ×10", 0.1),
     Variant("head, α=0, selection lr ×5 → ×300, standardized before an affine map "
             "(flexact's default)", 0.0, selection_lr_scale=None, select_after=None,
-            standardized=None),
+            selection_gradient="auto"),
     Variant("head, α=0, selection lr ×5 → ×300 (the previous default)", 0.0,
             selection_lr_scale=None, select_after=None),
     Variant("head, α=0, selection lr ×10 (the earlier default)", 0.0),
@@ -142,8 +142,8 @@ HEAD_VARIANTS = [
             select_after=0.3),
     Variant("head, α=0, selection lr 0.1", 0.0, selection_lr=0.1),
     Variant("head, α=0, selection lr 0.3", 0.0, selection_lr=0.3),
-    Variant("head, α=0, standardized, selection lr ×10", 0.0, standardized=True),
-    Variant("head, α=0, standardized, selection lr 0.1", 0.0, standardized=True,
+    Variant("head, α=0, standardized, selection lr ×10", 0.0, selection_gradient="standardized"),
+    Variant("head, α=0, standardized, selection lr 0.1", 0.0, selection_gradient="standardized",
             selection_lr=0.1),
 ]
 EVERYWHERE_VARIANTS = [
@@ -158,7 +158,7 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, α=0, selection lr ×10 (the earlier default)", 0.0, everywhere=True),
     Variant("everywhere, shared, α=0, selection lr ×100 after 30 % (flexact's default)", 0.0,
             everywhere=True, shared=None, selection_lr_scale=None, select_after=None,
-            standardized=None),
+            selection_gradient="auto"),
     Variant("everywhere, α=0, selection lr ×100 after 30 %", 0.0, everywhere=True,
             selection_lr_scale=100.0, select_after=0.3),
     Variant("everywhere, shared, α=0, selection lr ×30 after 30 %", 0.0, everywhere=True,
@@ -178,11 +178,11 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, shared, α=0, selection lr 0.1", 0.0, everywhere=True, shared=True,
             selection_lr=0.1),
     Variant("everywhere, α=0, standardized, selection lr ×10", 0.0, everywhere=True,
-            standardized=True),
+            selection_gradient="standardized"),
     Variant("everywhere, shared, α=0, standardized, selection lr ×10", 0.0, everywhere=True,
-            shared=True, standardized=True),
+            shared=True, selection_gradient="standardized"),
     Variant("everywhere, shared, α=0, standardized, selection lr 0.1", 0.0, everywhere=True,
-            shared=True, standardized=True, selection_lr=0.1),
+            shared=True, selection_gradient="standardized", selection_lr=0.1),
 ]
 SMOKE_VARIANTS = {HEAD_VARIANTS[0].name, EVERYWHERE_VARIANTS[0].name, *(
     v.name for v in HEAD_VARIANTS + EVERYWHERE_VARIANTS if "(flexact's default)" in v.name)}
@@ -231,7 +231,9 @@ class Task:
         common: dict[str, Any] = {
             "flexact": {"candidates": candidates, "kl_lambda": KL_LAMBDA,
                         "hard": variant is not None and variant.hard,
-                        "selection_gradient": _gradient(variant)},
+                        # a sweep member has one candidate: its gradient is irrelevant
+                        "selection_gradient": "raw" if variant is None
+                        else variant.selection_gradient},
             "alpha": 0.0 if variant is None else variant.alpha,
             "selection_warmup": 0.0 if variant is None else variant.select_after,
             "selection_lr_scale": 1.0 if variant is None else (
@@ -261,13 +263,6 @@ class Task:
                                activation=act, dropout=0.0)
             head = {"num_classes": 2, "hidden_features": 16}
         return _fix(FlexActClassifier(backbone=backbone, **head, **common), activation)
-
-
-def _gradient(variant: Variant | None) -> str:
-    """The run's ``selection_gradient`` (a sweep member has one candidate: raw)."""
-    if variant is None or variant.standardized is False:
-        return "raw"
-    return "auto" if variant.standardized is None else "standardized"
 
 
 def _fix(module: L.LightningModule, activation: str | None) -> L.LightningModule:

@@ -12,7 +12,7 @@ back to the file.
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -58,7 +58,7 @@ def migrate_hparams(hparams: MutableMapping[str, Any]) -> bool:
         earlier["selection_lr_scale_end"] = hparams["selection_lr_scale"]
     legacy = {k: hparams.pop(k) for k in LEGACY_SPEC_KEYS if k in hparams}
     spec = hparams.get("flexact")
-    if "swap_backbone" in hparams and (legacy or isinstance(spec, Mapping)) and (
+    if "swap_backbone" in hparams and (legacy or spec is not None) and (
             "selection_gradient" not in (spec or {})):
         # Saved before "auto" (standardized in a head-only head) became the default: raw.
         legacy["selection_gradient"] = "raw"

@@ -54,9 +54,7 @@ def standardized_weights(x: Tensor, weights: Tensor, candidates: Sequence[nn.Mod
         # Two passes, not torch.std_mean: its single-pass kernel is ~9x slower on the CPU here.
         mean = rows.mean(dim=2, keepdim=True)
         std = ((rows - mean).square().sum(dim=2) / (rows.shape[2] - 1)).sqrt()  # N = 1: NaN
-        mean, std = mean.squeeze(2).T, std.T  # (C or 1, k)
-        if channel_dim is None:
-            mean, std = mean[0], std[0]  # (k,)
+        mean, std = mean.squeeze(2).T.reshape(weights.shape), std.T.reshape(weights.shape)
         # 0 for a constant output, and for one sample, where std is NaN (NaN > ε is false)
         inverse = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
     delta = weights - weights.detach()
