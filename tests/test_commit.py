@@ -76,6 +76,32 @@ def test_each_layer_commits_when_settled_and_the_rest_at_the_latest(tmp_path: Pa
     assert commit.committed and commit.committed_at == 36
 
 
+def test_steps_that_decide_nothing_do_not_walk_the_model(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from flexact.callbacks import commit as commit_module
+
+    walks: list[int] = []
+    original = commit_module.named_layers
+    trainer_ref: list[L.Trainer] = []
+
+    def counting(model: nn.Module) -> list[Any]:
+        walks.append(trainer_ref[0].global_step if trainer_ref else -1)
+        return original(model)
+
+    class Ref(L.Callback):
+        def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+            trainer_ref.append(trainer)
+
+    monkeypatch.setattr(commit_module, "named_layers", counting)
+    commit = _adaptive()
+    trainer, _ = _fit(tmp_path, commit, extra=[Ref()])
+    # Train start (step 0), then only adaptive checks (every 4 steps from 4) until the last
+    # layer commits at 36: no walk after it, none between checks.
+    assert walks[0] == 0 and walks[-1] == 36
+    assert all(step % 4 == 0 for step in walks) and len(walks) <= 1 + 36 // 4 + 1
+    assert trainer.global_step == 40 and commit.committed
+
+
 def test_a_resumed_run_commits_at_the_same_steps(tmp_path: Path) -> None:
     full_commit = _adaptive()
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}",

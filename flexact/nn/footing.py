@@ -18,11 +18,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from flexact.nn.kernels import stacked_outputs
+
 __all__ = ["add_offset", "standardized_weights"]
 
 
 def standardized_weights(x: Tensor, weights: Tensor, candidates: Sequence[nn.Module],
-                         channel_dim: int | None) -> tuple[Tensor, Tensor]:
+                         channel_dim: int | None,
+                         outputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Mixture weights and an offset whose mixture's weight gradient uses standardized outputs.
 
     ``⟨g, (fⱼ − μⱼ)/σⱼ⟩ = (⟨g, fⱼ⟩ − μⱼ·Σg)/σⱼ``: the plain mixture's gradient to a weight,
@@ -35,6 +38,7 @@ def standardized_weights(x: Tensor, weights: Tensor, candidates: Sequence[nn.Mod
         weights: The mixture weights, ``(k,)`` or ``(C, k)`` (differentiable).
         candidates: The live candidate modules, in the order of ``weights``' last dimension.
         channel_dim: The channel dimension of ``x`` for per-channel weights, else ``None``.
+        outputs: The candidates' outputs stacked, ``(k, *x.shape)``, if the caller has them.
 
     A candidate whose output does not vary over the batch (or a channel's), a single sample
     included, has no shape to compare: its weight gets no gradient.
@@ -46,7 +50,7 @@ def standardized_weights(x: Tensor, weights: Tensor, candidates: Sequence[nn.Mod
     """
     with torch.no_grad():
         # One contiguous reduction for all candidates: kernels are what a small head pays for.
-        outputs = torch.stack([candidate(x) for candidate in candidates]).float()
+        outputs = (stacked_outputs(x, candidates) if outputs is None else outputs).float()
         if channel_dim is None:
             rows = outputs.reshape(len(candidates), 1, -1)
         else:

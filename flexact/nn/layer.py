@@ -16,7 +16,7 @@ from flexact.nn.basis import basis_rows
 from flexact.nn.batchnorm import batchnorm_mixture, fusable_batchnorm
 from flexact.nn.footing import add_offset, standardized_weights
 from flexact.nn.gumbel import gumbel_softmax
-from flexact.nn.kernels import closed_form_mixture
+from flexact.nn.kernels import closed_form_mixture, stacked_outputs, takes_small_path
 from flexact.nn.mixture import _general_mixture, apply_per_channel, channel_dim_of, mixture
 from flexact.nn.norms import all_ranks_mean, gradient_norms
 from flexact.nn.pruning import PruningMixin
@@ -151,11 +151,14 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
         # norms run through an input weight (docs/method.md eq. 1): then they are measured here.
         own_norms = measure and input_weight is None
         live = self.live_candidates()
-        offset = None
+        offset = outputs = None
         if self.selection_gradient == "standardized" and weights.requires_grad:
-            weights, offset = standardized_weights(x, weights, live, channel_dim)
+            # Small inputs: the candidates' outputs serve both the moments and the mixture.
+            if takes_small_path(x, own_norms, save_dtype):
+                outputs = stacked_outputs(x, live)
+            weights, offset = standardized_weights(x, weights, live, channel_dim, outputs)
         closed = closed_form_mixture(x, weights, live, channel_dim, save_dtype,
-                                     want_norms=own_norms)
+                                     want_norms=own_norms, outputs=outputs)
         norms = None if closed is None else closed[1]
         if norms is not None:
             self._targets = self._targets_from_norms(norms, x)
