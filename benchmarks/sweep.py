@@ -38,8 +38,9 @@ Runs:
   layer is 0): the cheapest fixed-activation run, so the time ratios are conservative.
 - FlexAct ``head`` (:data:`HEAD_VARIANTS`): the five candidates in the head; the backbone keeps
   its default ReLU. The variants differ in α (the paper's 0.3, 0.1, 0), the selection logits'
-  learning rate over the weights' (``selection_lr_scale`` 1, 5, 10, 30, and the default: 5
-  growing to 300 over the run, ``selection_lr_scale_end``), straight-through hard
+  learning rate over the weights' (``selection_lr_scale`` 1, 5, 10, 30, and the default:
+  growing to 300 over the run, ``selection_lr_scale_end``, from 1 for a head whose selection
+  gradient is standardized, from 5 for a raw one), straight-through hard
   samples, logits held fixed for the first 30 % of the run (``select_after``), an absolute
   selection learning rate (0.1, 0.3, whatever the weights' rate) and the selection gradient
   taken against standardized candidate outputs (``selection_gradient="standardized"``).
@@ -117,6 +118,7 @@ class Variant:
     select_after: float | None = 0.0  # selection_warmup: logits fixed for this fraction
     shared: bool | None = False  # one selection for every layer (share_selection)
     selection_lr: float | None = None  # the logits' own learning rate (replaces the scale)
+    selection_lr_scale_end: float | None = None  # None: the module's rule (constant if given)
     # "standardized" (equal footing), "raw", or "auto" (the default: standardized in a
     # head-only head before an affine map, raw elsewhere)
     selection_gradient: str = "raw"
@@ -127,9 +129,12 @@ HEAD_VARIANTS = [
     Variant("head, α=0, selection lr ×1", 0.0, selection_lr_scale=1.0),
     Variant("head, α=0.3, selection lr ×10", 0.3),
     Variant("head, α=0.1, selection lr ×10", 0.1),
-    Variant("head, α=0, selection lr ×5 → ×300, standardized before an affine map "
-            "(flexact's default)", 0.0, selection_lr_scale=None, select_after=None,
+    Variant("head, α=0, selection lr ×1 → ×300 standardized before an affine map, else ×5 → "
+            "×300 raw (flexact's default)", 0.0, selection_lr_scale=None, select_after=None,
             selection_gradient="auto"),
+    Variant("head, α=0, selection lr ×5 → ×300, standardized before an affine map (the "
+            "default until the ×1 start)", 0.0, selection_lr_scale=5.0,
+            selection_lr_scale_end=300.0, select_after=None, selection_gradient="auto"),
     Variant("head, α=0, selection lr ×5 → ×300 (the previous default)", 0.0,
             selection_lr_scale=None, select_after=None),
     Variant("head, α=0, selection lr ×10 (the earlier default)", 0.0),
@@ -239,6 +244,7 @@ class Task:
             "selection_lr_scale": 1.0 if variant is None else (
                 variant.selection_lr_scale if variant.selection_lr is None
                 else variant.selection_lr / self.lr),
+            "selection_lr_scale_end": None if variant is None else variant.selection_lr_scale_end,
             "optimizer": lambda params: torch.optim.Adam(params, lr=self.lr),
         }
         if self.kind == "synthetic":

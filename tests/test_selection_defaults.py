@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +14,7 @@ from flexact import ConfigError
 from flexact.datamodules import SyntheticDataModule
 from flexact.modules import FlexActRegressor
 from flexact.modules.hparams import migrate_hparams
-from flexact.modules.selection import EVERYWHERE, HEAD_ONLY
+from flexact.modules.selection import EVERYWHERE, HEAD_ONLY, STANDARDIZED_HEAD_LR_SCALE
 from flexact.nn import flexact_layers
 
 
@@ -27,11 +28,25 @@ def _logits(module: FlexActRegressor) -> list[nn.Parameter]:
     return [layer.logits for _, layer in flexact_layers(module.model)]
 
 
+def _raw(**kwargs: object) -> FlexActRegressor:
+    """A head-only module whose head takes the raw selection gradient (the ×5 start)."""
+    return _module(flexact={"selection_gradient": "raw"}, **kwargs)
+
+
 def test_head_only_and_everywhere_get_their_own_defaults() -> None:
-    head = _module()
+    head = _raw()
     assert head.selection == HEAD_ONLY
     assert (HEAD_ONLY.lr_scale, HEAD_ONLY.lr_scale_end, HEAD_ONLY.share, HEAD_ONLY.warmup) == (
         5.0, 300.0, False, 0.0)
+    # A head with an output map compares standardized candidates (auto) and starts at 1×.
+    standardized = _module()
+    assert standardized.model.head.flexact.selection_gradient == "standardized"
+    assert standardized.selection == replace(HEAD_ONLY, lr_scale=STANDARDIZED_HEAD_LR_SCALE)
+    assert STANDARDIZED_HEAD_LR_SCALE == 1.0
+    assert standardized.hparams["selection_lr_scale"] == 1.0  # saved: a resume keeps it
+    assert _module(flexact={"selection_gradient": "standardized"}).selection.lr_scale == 1.0
+    assert _module(swap_backbone=True,  # everywhere: its own default, whatever the gradient
+                   flexact={"selection_gradient": "standardized"}).selection.lr_scale == 100.0
     everywhere = _module(swap_backbone=True)
     assert everywhere.selection == EVERYWHERE
     assert (EVERYWHERE.lr_scale, EVERYWHERE.lr_scale_end, EVERYWHERE.share,
@@ -53,7 +68,8 @@ def test_head_only_and_everywhere_get_their_own_defaults() -> None:
     assert len({id(p) for p in _logits(mine)}) == 3
     # A rate asked for stays constant, unless its end is asked for too.
     assert _module(selection_lr_scale=10.0).selection.lr_scale_end == 10.0
-    assert _module(selection_lr_scale_end=50.0).selection.lr_scale == HEAD_ONLY.lr_scale
+    assert _raw(selection_lr_scale_end=50.0).selection.lr_scale == HEAD_ONLY.lr_scale
+    assert _module(selection_lr_scale=3.0).selection.lr_scale == 3.0
 
 
 def test_everywhere_shares_only_where_the_layers_can() -> None:
@@ -262,7 +278,7 @@ def _fit_rates(tmp_path: Path, module: FlexActRegressor, scheduler: bool = False
 
 def test_the_head_selection_rate_grows_geometrically_and_steps_only_see_it(
         tmp_path: Path) -> None:
-    rates, trainer = _fit_rates(tmp_path, _module())
+    rates, trainer = _fit_rates(tmp_path, _raw())
     assert len(rates.logits) == 20 and rates.weights == [0.01] * 20  # the weights: untouched
     expected = [0.01 * 5.0 * 60.0 ** (step / 20) for step in range(20)]  # 5× → 300× at the end
     assert rates.logits == pytest.approx(expected)
@@ -335,7 +351,7 @@ def test_a_checkpoint_written_inside_a_step_holds_the_constant_scale_rate(
                         enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, default_root_dir=tmp_path,
                         callbacks=[rates, SaveMidStep()])
-    trainer.fit(_module(), SyntheticDataModule(n_train=160, batch_size=16))
+    trainer.fit(_raw(), SyntheticDataModule(n_train=160, batch_size=16))
     assert rates.logits[10] == pytest.approx(0.05 * 60.0 ** 0.5)  # the step ran ramped
     saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["optimizer_states"][0]
     assert sorted(g["lr"] for g in saved["param_groups"]) == pytest.approx([0.01, 0.05])

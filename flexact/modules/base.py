@@ -53,8 +53,8 @@ class FlexActModule(MigratedCheckpoints, SelectionSchedule, L.LightningModule):
         selection_weight_decay: Decay selection logits and activation shapes too (off: decay
             pulls picks to uniform).
         selection_lr_scale: The selection logits' learning rate over the optimizer's when they
-            start learning; default 5 for a FlexAct head, 100 with ``swap_backbone`` (the
-            paper: 1, where picks end near uniform; docs/method.md §5).
+            start learning; default 5 for a FlexAct head (1 with a standardized gradient), 100
+            with ``swap_backbone`` (the paper: 1, picks end near uniform; docs/method.md §5).
         example_input_shape: One input sample's shape, for a dry run of the backbone.
         swap_backbone: Also replace every activation module of the backbone by a FlexAct layer
             (FlexAct at every layer, beyond the paper's head).

@@ -38,9 +38,9 @@ from flexact.nn import FlexAct, FlexActHead, flexact_layers
 from flexact.nn.params import selection_groups
 from flexact.nn.surgery import share_selection as tie_selections
 
-__all__ = ["EVERYWHERE", "HEAD_ONLY", "SelectionSchedule", "SelectionSettings",
-           "check_shared_checkpoint", "freeze_selection_logits", "ramped_selection_lr",
-           "resolve_selection", "selection_logits"]
+__all__ = ["EVERYWHERE", "HEAD_ONLY", "STANDARDIZED_HEAD_LR_SCALE", "SelectionSchedule",
+           "SelectionSettings", "check_shared_checkpoint", "freeze_selection_logits",
+           "ramped_selection_lr", "resolve_selection", "selection_logits"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,9 @@ class SelectionSettings:
 
 
 HEAD_ONLY = SelectionSettings(lr_scale=5.0, share=False, warmup=0.0, lr_scale_end=300.0)
+STANDARDIZED_HEAD_LR_SCALE = 1.0
+"""A head-only head with the standardized selection gradient starts at the optimizer's own rate
+(×5 picked Tanh for a ReLU teacher's head; benchmarks/RESULTS.md, "Reading the sweep table")."""
 EVERYWHERE = SelectionSettings(lr_scale=100.0, share=True, warmup=0.3, lr_scale_end=100.0)
 
 
@@ -111,7 +114,8 @@ def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | N
     With FlexAct everywhere, the default shares one selection only where every layer has the
     same candidates and selects per layer (``share_selection: true`` asked for explicitly
     raises in that case instead). A head-only :class:`~flexact.FlexActHead` with an output map
-    resolves ``selection_gradient: auto`` to ``standardized``.
+    resolves ``selection_gradient: auto`` to ``standardized``; a head-only head whose gradient
+    is standardized starts at :data:`STANDARDIZED_HEAD_LR_SCALE` by default.
 
     Args:
         model: The network (its FlexAct layers decide whether sharing is possible).
@@ -143,8 +147,11 @@ def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | N
         layer.selection_gradient = "standardized"  # an affine map follows: compare shapes
     if lr_scale_end is None:  # a rate asked for stays constant unless told otherwise
         lr_scale_end = defaults.lr_scale_end if lr_scale is None else lr_scale
-    return SelectionSettings(defaults.lr_scale if lr_scale is None else float(lr_scale),
-                             bool(share), warmup, float(lr_scale_end))
+    if lr_scale is None:
+        standardized = (not swap_backbone and isinstance(layer, FlexAct)
+                        and layer.selection_gradient == "standardized")
+        lr_scale = STANDARDIZED_HEAD_LR_SCALE if standardized else defaults.lr_scale
+    return SelectionSettings(float(lr_scale), bool(share), warmup, float(lr_scale_end))
 
 
 def selection_logits(model: nn.Module) -> Iterable[nn.Parameter]:
