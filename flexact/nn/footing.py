@@ -20,12 +20,11 @@ from torch import Tensor, nn
 
 from flexact.nn.kernels import stacked_outputs
 
-__all__ = ["add_offset", "standardized_weights"]
+__all__ = ["add_offset", "standardized_mixture", "standardized_weights"]
 
 
 def standardized_weights(x: Tensor, weights: Tensor, candidates: Sequence[nn.Module],
-                         channel_dim: int | None,
-                         outputs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                         channel_dim: int | None) -> tuple[Tensor, Tensor]:
     """Mixture weights and an offset whose mixture's weight gradient uses standardized outputs.
 
     ``⟨g, (fⱼ − μⱼ)/σⱼ⟩ = (⟨g, fⱼ⟩ − μⱼ·Σg)/σⱼ``: the plain mixture's gradient to a weight,
@@ -38,7 +37,6 @@ def standardized_weights(x: Tensor, weights: Tensor, candidates: Sequence[nn.Mod
         weights: The mixture weights, ``(k,)`` or ``(C, k)`` (differentiable).
         candidates: The live candidate modules, in the order of ``weights``' last dimension.
         channel_dim: The channel dimension of ``x`` for per-channel weights, else ``None``.
-        outputs: The candidates' outputs stacked, ``(k, *x.shape)``, if the caller has them.
 
     A candidate whose output does not vary over the batch (or a channel's), a single sample
     included, has no shape to compare: its weight gets no gradient.
@@ -50,17 +48,9 @@ def standardized_weights(x: Tensor, weights: Tensor, candidates: Sequence[nn.Mod
     """
     with torch.no_grad():
         # One contiguous reduction for all candidates: kernels are what a small head pays for.
-        outputs = (stacked_outputs(x, candidates) if outputs is None else outputs).float()
-        if channel_dim is None:
-            rows = outputs.reshape(len(candidates), 1, -1)
-        else:
-            rows = outputs.movedim(channel_dim + 1, 1).reshape(len(candidates), len(weights), -1)
-        # Two passes, not torch.std_mean: its single-pass kernel is ~9x slower on the CPU here.
-        mean = rows.mean(dim=2, keepdim=True)
-        std = ((rows - mean).square().sum(dim=2) / (rows.shape[2] - 1)).sqrt()  # N = 1: NaN
-        mean, std = mean.squeeze(2).T.reshape(weights.shape), std.T.reshape(weights.shape)
-        # 0 for a constant output, and for one sample, where std is NaN (NaN > ε is false)
-        inverse = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
+        rows = _rows(stacked_outputs(x, candidates).float(), weights, channel_dim)
+        mean, inverse = _moments(rows)
+        mean, inverse = mean.T.reshape(weights.shape), inverse.T.reshape(weights.shape)
     delta = weights - weights.detach()
     offset = -(delta.float() * (mean * inverse)).sum(dim=-1)  # () or (C,)
     if channel_dim is not None:  # (C,) → broadcast along x's channel dimension
@@ -90,3 +80,70 @@ def add_offset(out: Tensor, offset: Tensor) -> Tensor:
     sum is taken in float32 even for a bfloat16 ``out``, whose rounding μⱼ/σⱼ would amplify.
     """
     return _AddOffset.apply(out, offset)
+
+
+def _rows(outputs: Tensor, weights: Tensor, channel_dim: int | None) -> Tensor:
+    """Stacked outputs ``(k, *x.shape)`` as ``(k, C, N)``: C = 1 for per-layer weights."""
+    if channel_dim is None:
+        return outputs.reshape(outputs.shape[0], 1, -1)
+    return outputs.movedim(channel_dim + 1, 1).reshape(outputs.shape[0], weights.shape[0], -1)
+
+
+def _moments(rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and inverse standard deviation over the last dimension, ``(k, C)`` each."""
+    # Two passes, not torch.std_mean: its single-pass kernel is ~9x slower on the CPU here.
+    mean = rows.mean(dim=2, keepdim=True)
+    std = ((rows - mean).square().sum(dim=2) / (rows.shape[2] - 1)).sqrt()  # N = 1: NaN
+    # 0 for a constant output, and for one sample, where std is NaN (NaN > ε is false)
+    inverse = torch.where(std > 1e-6, 1.0 / std.clamp_min(1e-6), torch.zeros_like(std))
+    return mean.squeeze(2), inverse
+
+
+class _StandardizedMixture(torch.autograd.Function):
+    """``Σⱼ wⱼ fⱼ`` from stacked outputs; the weights get ``(⟨g, fⱼ⟩ − μⱼ Σg)/σⱼ``."""
+
+    @staticmethod
+    def forward(ctx: Any, outputs: Tensor, weights: Tensor, channel_dim: int | None) -> Tensor:
+        ctx.channel_dim = channel_dim
+        ctx.save_for_backward(outputs, weights)
+        return (outputs * _broadcast(weights, outputs, channel_dim)).sum(0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+        outputs, weights = ctx.saved_tensors
+        d = ctx.channel_dim
+        rows = _rows(outputs, weights, d)  # (k, C, N)
+        g = _rows(grad.unsqueeze(0), weights, d)  # (1, C, N)
+        mean, inverse = _moments(rows)
+        inner = (rows * g).sum(dim=2)
+        weight_grad = ((inner - mean * g.sum(dim=2)) * inverse).T.reshape(weights.shape)
+        return grad.unsqueeze(0) * _broadcast(weights, outputs, d), weight_grad, None
+
+
+def _broadcast(weights: Tensor, outputs: Tensor, channel_dim: int | None) -> Tensor:
+    """``weights`` ``(k,)`` or ``(C, k)`` shaped to broadcast against ``outputs`` ``(k, ...)``."""
+    shape = [1] * (outputs.dim() - 1)
+    if channel_dim is not None:
+        shape[channel_dim] = weights.shape[0]
+    return weights.to(outputs.dtype).movedim(-1, 0).reshape(weights.shape[-1], *shape)
+
+
+def standardized_mixture(x: Tensor, weights: Tensor, candidates: Sequence[nn.Module],
+                         channel_dim: int | None) -> Tensor:
+    """The mixture of :func:`standardized_weights` in one function, for small inputs.
+
+    The candidates' outputs are evaluated once and kept for backward (at most
+    :data:`~flexact.nn.kernels.SMALL_INPUT` elements each), and the weights' gradient is
+    computed from them directly: no offset, a third of the kernels. Not for half precision
+    (:func:`~flexact.nn.kernels.takes_small_path`).
+
+    Args:
+        x: The layer input.
+        weights: The mixture weights, ``(k,)`` or ``(C, k)`` (differentiable).
+        candidates: The live candidate modules, in the order of ``weights``' last dimension.
+        channel_dim: The channel dimension of ``x`` for per-channel weights, else ``None``.
+
+    Returns:
+        ``Σⱼ wⱼ fⱼ(x)``, shaped like ``x``.
+    """
+    return _StandardizedMixture.apply(stacked_outputs(x, candidates), weights, channel_dim)

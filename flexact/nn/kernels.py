@@ -232,7 +232,7 @@ def takes_small_path(x: Tensor, want_norms: bool = False,
 
 
 def stacked_outputs(x: Tensor, candidates: Sequence[nn.Module]) -> Tensor:
-    """Every candidate's output, ``(p, *x.shape)``: the small path's (and its moments') input."""
+    """Every candidate's output, ``(p, *x.shape)``: the small paths' input."""
     return torch.stack([c(x) for c in candidates])
 
 
@@ -243,7 +243,6 @@ def closed_form_mixture(
     channel_dim: int | None = None,
     save_dtype: torch.dtype | None = None,
     want_norms: bool = False,
-    outputs: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None] | None:
     """The mixture ``Σⱼ wⱼ fⱼ(x)`` through the closed form, or ``None`` if a candidate lacks one.
 
@@ -256,7 +255,6 @@ def closed_form_mixture(
         want_norms: Also return the batch-mean gradient norm ḡ of every candidate w.r.t. ``x``
             (``(p,)``, or ``(C, p)`` per channel); ``None`` for an input without a batch
             dimension (``x.dim() < 2``).
-        outputs: :func:`stacked_outputs` of ``x``, if the caller has them (small path only).
 
     Inputs that :func:`takes_small_path` (at most :data:`SMALL_INPUT` elements, no ḡ) are
     mixed with plain autograd ops (same values and gradients, fewer dispatches).
@@ -267,11 +265,11 @@ def closed_form_mixture(
     rows = basis_rows(candidates)
     if rows is None:
         return None
-    if outputs is not None or takes_small_path(x, want_norms, save_dtype):
+    if takes_small_path(x, want_norms, save_dtype):
         # Tiny inputs (heads, small MLPs): a handful of dispatched ops cost less than the
         # custom function's bookkeeping, and the saved outputs are a few kilobytes. Stacked
         # outputs times broadcast weights: no per-candidate select in forward or backward.
-        outs = stacked_outputs(x, candidates) if outputs is None else outputs
+        outs = stacked_outputs(x, candidates)
         shape = [1] * x.dim()
         if channel_dim is not None:
             shape[channel_dim] = weights.shape[0]

@@ -14,9 +14,9 @@ from torch import Tensor, nn
 from flexact.errors import ConfigError
 from flexact.nn.basis import basis_rows
 from flexact.nn.batchnorm import batchnorm_mixture, fusable_batchnorm
-from flexact.nn.footing import add_offset, standardized_weights
+from flexact.nn.footing import add_offset, standardized_mixture, standardized_weights
 from flexact.nn.gumbel import gumbel_softmax
-from flexact.nn.kernels import closed_form_mixture, stacked_outputs, takes_small_path
+from flexact.nn.kernels import closed_form_mixture, takes_small_path
 from flexact.nn.mixture import _general_mixture, apply_per_channel, channel_dim_of, mixture
 from flexact.nn.norms import all_ranks_mean, gradient_norms
 from flexact.nn.pruning import PruningMixin
@@ -151,14 +151,14 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
         # norms run through an input weight (docs/method.md eq. 1): then they are measured here.
         own_norms = measure and input_weight is None
         live = self.live_candidates()
-        offset = outputs = None
+        offset = closed = None
         if self.selection_gradient == "standardized" and weights.requires_grad:
-            # Small inputs: the candidates' outputs serve both the moments and the mixture.
-            if takes_small_path(x, own_norms, save_dtype):
-                outputs = stacked_outputs(x, live)
-            weights, offset = standardized_weights(x, weights, live, channel_dim, outputs)
-        closed = closed_form_mixture(x, weights, live, channel_dim, save_dtype,
-                                     want_norms=own_norms, outputs=outputs)
+            if takes_small_path(x, own_norms, save_dtype):  # outputs, moments, mixture at once
+                closed = standardized_mixture(x, weights, live, channel_dim), None
+            else:
+                weights, offset = standardized_weights(x, weights, live, channel_dim)
+        closed = closed or closed_form_mixture(x, weights, live, channel_dim, save_dtype,
+                                               want_norms=own_norms)
         norms = None if closed is None else closed[1]
         if norms is not None:
             self._targets = self._targets_from_norms(norms, x)
