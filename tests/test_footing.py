@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from flexact import ConfigError, FlexAct
-from flexact.nn.footing import standardized_weights
+from flexact.nn.footing import standardized_mixture, standardized_weights
 from flexact.nn.kernels import takes_small_path
 
 
@@ -45,15 +45,23 @@ def test_the_weight_gradient_ignores_a_candidates_scale_and_offset() -> None:
     torch.testing.assert_close(std[2], (g * z).sum(), rtol=1e-4, atol=1e-4)
 
 
-def test_per_channel_weights_see_each_channels_standardized_outputs() -> None:
+@pytest.mark.parametrize("fused", [False, True])  # offset + mixture, or one autograd function
+def test_per_channel_weights_see_each_channels_standardized_outputs(fused: bool) -> None:
     gen = torch.Generator().manual_seed(1)
     x, g = torch.randn(16, 3, 5, generator=gen), torch.randn(16, 3, 5, generator=gen)
     x = x * torch.tensor([0.5, 2.0, 4.0]).reshape(1, 3, 1)  # channels of different scales
+    x.requires_grad_(True)
     candidates: list[nn.Module] = [nn.ReLU(), _Affine(3.0, -1.0), nn.Identity()]
-    weights = torch.full((3, 3), 1 / 3, requires_grad=True)
-    mixing, offset = standardized_weights(x, weights, candidates, 1)
-    out = sum(mixing[:, j].reshape(1, 3, 1) * c(x) for j, c in enumerate(candidates)) + offset
-    (grad,) = torch.autograd.grad(out, weights, g)
+    weights = torch.rand((3, 3), generator=gen).softmax(-1).requires_grad_(True)
+    plain = sum(weights[:, j].reshape(1, 3, 1) * c(x) for j, c in enumerate(candidates))
+    if fused:  # channels in the middle: the stacked outputs are moved, not just reshaped
+        out = standardized_mixture(x, weights, candidates, 1)
+    else:
+        mixing, offset = standardized_weights(x, weights, candidates, 1)
+        out = sum(mixing[:, j].reshape(1, 3, 1) * c(x) for j, c in enumerate(candidates)) + offset
+    torch.testing.assert_close(out, plain)
+    grad, x_grad = torch.autograd.grad(out, (weights, x), g)
+    torch.testing.assert_close(x_grad, torch.autograd.grad(plain, x, g)[0])
     for j, candidate in enumerate(candidates):
         f = candidate(x)
         z = (f - f.mean(dim=(0, 2), keepdim=True)) / f.std(dim=(0, 2), keepdim=True)
