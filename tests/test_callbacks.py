@@ -5,7 +5,7 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from flexact.callbacks import (
     temperature_at,
 )
 from flexact.callbacks import checkpoint as checkpoint_module
+from flexact.callbacks import temperature as temperature_module
 from flexact.datamodules import SyntheticDataModule
 from flexact.modules import FlexActRegressor
 
@@ -163,6 +164,36 @@ def test_selection_logger_channel_layers_and_no_logger(tmp_path: Path) -> None:
     assert sum(entry["pick_counts"].values()) == 6
     assert (tmp_path / "selection.json").exists()
     assert torch.isfinite(torch.tensor(entry["probabilities"])).all()
+
+
+def test_tau_is_logged_where_the_logger_writes_and_the_model_walked_once_per_fit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    walks: list[int] = []
+    walk = temperature_module.flexact_layers
+
+    def counted(model: nn.Module) -> Iterator[tuple[str, FlexAct]]:
+        walks.append(1)
+        return walk(model)
+
+    monkeypatch.setattr(temperature_module, "flexact_layers", counted)
+    calls: list[int] = []
+    log = FlexActRegressor.log
+
+    def spy(module: FlexActRegressor, name: str, *args: Any, **kwargs: Any) -> None:
+        if name == "tau":
+            calls.append(module.global_step)
+        log(module, name, *args, **kwargs)
+
+    monkeypatch.setattr(FlexActRegressor, "log", spy)
+    trainer = _fit(tmp_path, [TemperatureAnnealing(start=1.0, end=0.1)], log_every_n_steps=3,
+                   max_epochs=3)  # 8 steps an epoch
+    rows = _csv_rows(trainer)
+    tau_steps = [int(r["step"]) for r in rows if r.get("tau")]
+    assert tau_steps == [int(r["step"]) for r in rows if r.get("train_loss_step")]
+    assert tau_steps == [s for s in range(24) if (s + 1) % 3 == 0]
+    assert calls == sorted({*tau_steps, 0, 8, 16})  # and each epoch's first step, no other
+    assert "tau" in trainer.callback_metrics
+    assert len(walks) == 2  # at setup and at train start, not per step
 
 
 def test_selection_logger_reads_tau_once_per_record(tmp_path: Path,

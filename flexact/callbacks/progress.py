@@ -9,7 +9,7 @@ import lightning as L
 
 from flexact.errors import ConfigError
 
-__all__ = ["progress_position", "run_length"]
+__all__ = ["logs_this_step", "progress_position", "run_length"]
 
 Interval = Literal["step", "epoch"]
 
@@ -41,3 +41,13 @@ def run_length(trainer: L.Trainer, interval: Interval, total: int | None, owner:
 def progress_position(trainer: L.Trainer, interval: Interval) -> int:
     """Optimizer steps or epochs done so far; identical on every rank and after a resume."""
     return trainer.global_step if interval == "step" else trainer.current_epoch
+
+
+def logs_this_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning sends this training step's ``on_step`` metrics to the loggers.
+
+    The rule of Lightning's own ``LearningRateMonitor`` (every ``log_every_n_steps``, and every
+    step of a ``fast_dev_run``); a Lightning without that private attribute logs every step.
+    """
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(trainer.fast_dev_run) or bool(getattr(connector, "should_update_logs", True))

@@ -9,9 +9,9 @@ import lightning as L
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
-from flexact.callbacks.progress import progress_position, run_length
+from flexact.callbacks.progress import logs_this_step, progress_position, run_length
 from flexact.errors import ConfigError
-from flexact.nn import flexact_layers
+from flexact.nn import FlexAct, flexact_layers
 from flexact.nn.spec import check_tau
 
 __all__ = ["TemperatureAnnealing", "temperature_at"]
@@ -92,6 +92,7 @@ class TemperatureAnnealing(Callback):
         self.total = total
         self.current_tau = self.start
         self._built: tuple[int, dict[str, float]] = (0, {})  # (id of the module, τ per layer)
+        self._layers: list[tuple[str, FlexAct]] | None = None  # this fit's layers
 
     @property
     def active(self) -> bool:
@@ -126,7 +127,8 @@ class TemperatureAnnealing(Callback):
         if not self.active:
             return
         built = self._built[1]
-        for i, (name, layer) in enumerate(flexact_layers(pl_module)):
+        layers = self._layers if self._layers is not None else list(flexact_layers(pl_module))
+        for i, (name, layer) in enumerate(layers):
             start = self.start if self.start is not None else (
                 built[name] if name in built else float(layer.tau))  # no device read per step
             tau = self.tau_for(trainer, start)
@@ -135,13 +137,21 @@ class TemperatureAnnealing(Callback):
                 self.current_tau = tau
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Walked once per fit: on a small model the walk cost as much as the mixture.
+        self._layers = list(flexact_layers(pl_module))
         self._apply(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._layers = None
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         self._apply(trainer, pl_module)
-        if self.active and self.current_tau is not None:
+        # Only where the logger writes step metrics (and once an epoch, for callback_metrics):
+        # a self.log call costs ~1 ms here, as much as a small model's whole step.
+        if self.active and self.current_tau is not None and (
+                batch_idx == 0 or logs_this_step(trainer)):
             pl_module.log("tau", self.current_tau, on_step=True, on_epoch=False)
 
     def state_dict(self) -> dict[str, Any]:
