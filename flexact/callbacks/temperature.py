@@ -48,7 +48,7 @@ class TemperatureAnnealing(Callback):
 
     τ is a pure function of the trainer's progress (``global_step`` or ``current_epoch``), so
     every DDP rank agrees and a resumed run continues exactly where it stopped. τ is logged as
-    ``tau``.
+    ``tau`` on the steps where Lightning writes step metrics (``log_every_n_steps``).
 
     The ``flexact`` command gives every run one, configured under ``temperature:``
     (``--temperature.end 1e-3`` on the command line) and off until ``start`` or ``end`` is set
