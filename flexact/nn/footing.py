@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from flexact.nn.kernels import stacked_outputs
+from flexact.nn.kernels import broadcast_weights, stacked_outputs
 
 __all__ = ["add_offset", "standardized_mixture", "standardized_weights"]
 
@@ -106,10 +106,10 @@ class _StandardizedMixture(torch.autograd.Function):
     def forward(ctx: Any, outputs: Tensor, weights: Tensor, channel_dim: int | None) -> Tensor:
         ctx.channel_dim = channel_dim
         ctx.save_for_backward(outputs, weights)
-        return (outputs * _broadcast(weights, outputs, channel_dim)).sum(0)
+        return (outputs * broadcast_weights(weights, outputs, channel_dim)).sum(0)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor, None]:
         outputs, weights = ctx.saved_tensors
         d = ctx.channel_dim
         rows = _rows(outputs, weights, d)  # (k, C, N)
@@ -117,15 +117,9 @@ class _StandardizedMixture(torch.autograd.Function):
         mean, inverse = _moments(rows)
         inner = (rows * g).sum(dim=2)
         weight_grad = ((inner - mean * g.sum(dim=2)) * inverse).T.reshape(weights.shape)
-        return grad.unsqueeze(0) * _broadcast(weights, outputs, d), weight_grad, None
-
-
-def _broadcast(weights: Tensor, outputs: Tensor, channel_dim: int | None) -> Tensor:
-    """``weights`` ``(k,)`` or ``(C, k)`` shaped to broadcast against ``outputs`` ``(k, ...)``."""
-    shape = [1] * (outputs.dim() - 1)
-    if channel_dim is not None:
-        shape[channel_dim] = weights.shape[0]
-    return weights.to(outputs.dtype).movedim(-1, 0).reshape(weights.shape[-1], *shape)
+        outputs_grad = (grad.unsqueeze(0) * broadcast_weights(weights, outputs, d)
+                        if ctx.needs_input_grad[0] else None)
+        return outputs_grad, weight_grad, None
 
 
 def standardized_mixture(x: Tensor, weights: Tensor, candidates: Sequence[nn.Module],

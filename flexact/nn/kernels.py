@@ -236,6 +236,14 @@ def stacked_outputs(x: Tensor, candidates: Sequence[nn.Module]) -> Tensor:
     return torch.stack([c(x) for c in candidates])
 
 
+def broadcast_weights(weights: Tensor, outputs: Tensor, channel_dim: int | None) -> Tensor:
+    """``weights`` ``(p,)`` or ``(C, p)`` shaped to broadcast against ``outputs`` ``(p, ...)``."""
+    shape = [1] * (outputs.dim() - 1)
+    if channel_dim is not None:
+        shape[channel_dim] = weights.shape[0]
+    return weights.to(outputs.dtype).movedim(-1, 0).reshape(weights.shape[-1], *shape)
+
+
 def closed_form_mixture(
     x: Tensor,
     weights: Tensor,
@@ -270,11 +278,7 @@ def closed_form_mixture(
         # custom function's bookkeeping, and the saved outputs are a few kilobytes. Stacked
         # outputs times broadcast weights: no per-candidate select in forward or backward.
         outs = stacked_outputs(x, candidates)
-        shape = [1] * x.dim()
-        if channel_dim is not None:
-            shape[channel_dim] = weights.shape[0]
-        w = weights.to(x.dtype).movedim(-1, 0).reshape(weights.shape[-1], *shape)
-        return (outs * w).sum(0), None
+        return (outs * broadcast_weights(weights, outs, channel_dim)).sum(0), None
     want_norms = want_norms and x.dim() >= 2  # ḡ needs a batch dimension
     coefficients, squares, used = _constants(rows, x.device, _accumulation_dtype(weights))
     out, norms = _ClosedFormMixture.apply(

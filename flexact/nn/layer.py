@@ -157,8 +157,8 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
                 closed = standardized_mixture(x, weights, live, channel_dim), None
             else:
                 weights, offset = standardized_weights(x, weights, live, channel_dim)
-        closed = closed or closed_form_mixture(x, weights, live, channel_dim, save_dtype,
-                                               want_norms=own_norms)
+        if closed is None:
+            closed = closed_form_mixture(x, weights, live, channel_dim, save_dtype, own_norms)
         norms = None if closed is None else closed[1]
         if norms is not None:
             self._targets = self._targets_from_norms(norms, x)
