@@ -36,20 +36,21 @@ Runs:
   Its one-candidate head is committed before training (it computes
   exactly ``a``, as a plain activation module would) and its α is 0 (the KL of a one-candidate
   layer is 0): the cheapest fixed-activation run, so the time ratios are conservative.
-- FlexAct ``head`` (:data:`HEAD_VARIANTS`): the five candidates in the head; the backbone keeps
-  its default ReLU. The variants differ in α (the paper's 0.3, 0.1, 0), the selection logits'
-  learning rate over the weights' (``selection_lr_scale`` 1, 5, 10, 30, and the default:
-  growing to 300 over the run, ``selection_lr_scale_end``, from 1 for a head whose selection
-  gradient is standardized, from 5 for a raw one), straight-through hard
-  samples, logits held fixed for the first 30 % of the run (``select_after``), an absolute
-  selection learning rate (0.1, 0.3, whatever the weights' rate) and the selection gradient
-  taken against standardized candidate outputs (``selection_gradient="standardized"``).
+- FlexAct ``head`` (:data:`HEAD_VARIANTS`): the five candidates in the head; the backbone keeps its
+  default ReLU. The variants differ in α (the paper's 0.3, 0.1, 0), the selection logits' learning
+  rate over the weights' (``selection_lr_scale`` 1, 5, 10, 30, and the default: growing to 3000 over
+  the run, ``selection_lr_scale_end``, from 1 for a head whose selection gradient is standardized,
+  from 5 for a raw one; earlier defaults grew to 300), straight-through hard samples, logits held
+  fixed for the first 30 % of the run (``select_after``), an absolute selection learning rate (0.1,
+  0.3, whatever the weights' rate) and the selection gradient taken against standardized candidate
+  outputs (``selection_gradient="standardized"``).
 - FlexAct ``everywhere`` (:data:`EVERYWHERE_VARIANTS`; tasks whose backbone has activation
   sites: teacher depth 8, digits, text): ``swap_backbone=True``; α = 0.3 with
   ``kl_reduction="mean"``, α = 0.3 on the head only (``regularize_backbone=False`` with
   ``kl_reduction="sum"``, i.e. the head's own KL: "mean" divides by every FlexAct layer,
   regularized or not), α = 0, each with the selection learning-rate variants above, one
-  selection shared by every layer (``share_selection``) and the standardized gradient.
+  selection shared by every layer (``share_selection``) and the standardized gradient; the
+  default shares one selection, holds it for 30 % of the run, then grows ×100 → ×3000.
 - Every FlexAct run has ``TemperatureAnnealing(1 → 0.2)`` and ``SelectionCommit(mode="adaptive",
   threshold=0.9, patience=3, min_fraction=0.2, check_every_n_steps=20, prune_below=0.02,
   at=0.7)``; sweep members have the same annealing (a no-op for them).
@@ -129,14 +130,17 @@ HEAD_VARIANTS = [
     Variant("head, α=0, selection lr ×1", 0.0, selection_lr_scale=1.0),
     Variant("head, α=0.3, selection lr ×10", 0.3),
     Variant("head, α=0.1, selection lr ×10", 0.1),
-    Variant("head, α=0, selection lr ×1 → ×300 standardized before an affine map, else ×5 → "
-            "×300 raw (flexact's default)", 0.0, selection_lr_scale=None, select_after=None,
+    Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
+            "×3000 raw (flexact's default)", 0.0, selection_lr_scale=None, select_after=None,
             selection_gradient="auto"),
+    Variant("head, α=0, selection lr ×1 → ×300 standardized before an affine map, else ×5 → "
+            "×300 raw (the default until ×3000)", 0.0, selection_lr_scale=None,
+            selection_lr_scale_end=300.0, select_after=None, selection_gradient="auto"),
     Variant("head, α=0, selection lr ×5 → ×300, standardized before an affine map (the "
             "default until the ×1 start)", 0.0, selection_lr_scale=5.0,
             selection_lr_scale_end=300.0, select_after=None, selection_gradient="auto"),
     Variant("head, α=0, selection lr ×5 → ×300 (the previous default)", 0.0,
-            selection_lr_scale=None, select_after=None),
+            selection_lr_scale=5.0, selection_lr_scale_end=300.0, select_after=None),
     Variant("head, α=0, selection lr ×10 (the earlier default)", 0.0),
     Variant("head, α=0, selection lr ×5", 0.0, selection_lr_scale=5.0),
     Variant("head, α=0, selection lr ×30", 0.0, selection_lr_scale=30.0),
@@ -161,8 +165,11 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, α=0.3 on the head only, selection lr ×10", 0.3, everywhere=True,
             regularize_backbone=False, kl_reduction="sum"),
     Variant("everywhere, α=0, selection lr ×10 (the earlier default)", 0.0, everywhere=True),
-    Variant("everywhere, shared, α=0, selection lr ×100 after 30 % (flexact's default)", 0.0,
-            everywhere=True, shared=None, selection_lr_scale=None, select_after=None,
+    Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (flexact's default)",
+            0.0, everywhere=True, shared=None, selection_lr_scale=None, select_after=None,
+            selection_gradient="auto"),
+    Variant("everywhere, shared, α=0, selection lr ×100 after 30 % (the default until ×3000)",
+            0.0, everywhere=True, shared=None, selection_lr_scale=100.0, select_after=None,
             selection_gradient="auto"),
     Variant("everywhere, α=0, selection lr ×100 after 30 %", 0.0, everywhere=True,
             selection_lr_scale=100.0, select_after=0.3),

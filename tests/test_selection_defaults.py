@@ -14,7 +14,12 @@ from flexact import ConfigError
 from flexact.datamodules import SyntheticDataModule
 from flexact.modules import FlexActRegressor
 from flexact.modules.hparams import migrate_hparams
-from flexact.modules.selection import EVERYWHERE, HEAD_ONLY, STANDARDIZED_HEAD_LR_SCALE
+from flexact.modules.selection import (
+    EVERYWHERE,
+    HEAD_ONLY,
+    REGULARIZED_LR_SCALE_END,
+    STANDARDIZED_HEAD_LR_SCALE,
+)
 from flexact.nn import flexact_layers
 
 
@@ -37,7 +42,7 @@ def test_head_only_and_everywhere_get_their_own_defaults() -> None:
     head = _raw()
     assert head.selection == HEAD_ONLY
     assert (HEAD_ONLY.lr_scale, HEAD_ONLY.lr_scale_end, HEAD_ONLY.share, HEAD_ONLY.warmup) == (
-        5.0, 300.0, False, 0.0)
+        5.0, 3000.0, False, 0.0)
     # A head with an output map compares standardized candidates (auto) and starts at 1×.
     standardized = _module()
     assert standardized.model.head.flexact.selection_gradient == "standardized"
@@ -50,7 +55,7 @@ def test_head_only_and_everywhere_get_their_own_defaults() -> None:
     everywhere = _module(swap_backbone=True)
     assert everywhere.selection == EVERYWHERE
     assert (EVERYWHERE.lr_scale, EVERYWHERE.lr_scale_end, EVERYWHERE.share,
-            EVERYWHERE.warmup) == (100.0, 100.0, True, 0.3)
+            EVERYWHERE.warmup) == (100.0, 3000.0, True, 0.3)
     logits = _logits(everywhere)
     assert len(logits) == 3 and all(p is logits[0] for p in logits)  # one selection
     # The values used are the saved hyper-parameters (a checkpoint rebuilds the same module).
@@ -70,6 +75,20 @@ def test_head_only_and_everywhere_get_their_own_defaults() -> None:
     assert _module(selection_lr_scale=10.0).selection.lr_scale_end == 10.0
     assert _raw(selection_lr_scale_end=50.0).selection.lr_scale == HEAD_ONLY.lr_scale
     assert _module(selection_lr_scale=3.0).selection.lr_scale == 3.0
+
+
+def test_with_a_kl_term_the_rate_ends_lower_unless_told() -> None:
+    # α > 0: the regularizer's steady pull must not get 3000× steps once the task's fades.
+    assert REGULARIZED_LR_SCALE_END == {False: 300.0, True: 100.0}
+    assert _raw(alpha=0.3).selection == replace(HEAD_ONLY, lr_scale_end=300.0)
+    assert _module(alpha=0.3).selection.lr_scale_end == 300.0  # the standardized start too
+    assert _module(alpha=0.3).selection.lr_scale == STANDARDIZED_HEAD_LR_SCALE
+    everywhere = _module(swap_backbone=True, alpha=0.3)
+    assert everywhere.selection == replace(EVERYWHERE, lr_scale_end=100.0)  # constant 100×
+    assert everywhere.hparams["selection_lr_scale_end"] == 100.0  # saved: a resume keeps it
+    assert _raw(alpha=0.3, selection_lr_scale_end=3000.0).selection.lr_scale_end == 3000.0
+    assert _raw(alpha=0.3, selection_lr_scale=1.0).selection.lr_scale_end == 1.0  # the paper
+    assert _raw(alpha=0.0).selection.lr_scale_end == 3000.0
 
 
 def test_everywhere_shares_only_where_the_layers_can() -> None:
@@ -280,7 +299,7 @@ def test_the_head_selection_rate_grows_geometrically_and_steps_only_see_it(
         tmp_path: Path) -> None:
     rates, trainer = _fit_rates(tmp_path, _raw())
     assert len(rates.logits) == 20 and rates.weights == [0.01] * 20  # the weights: untouched
-    expected = [0.01 * 5.0 * 60.0 ** (step / 20) for step in range(20)]  # 5× → 300× at the end
+    expected = [0.01 * 5.0 * 600.0 ** (step / 20) for step in range(20)]  # 5× → 3000× at the end
     assert rates.logits == pytest.approx(expected)
     # Between steps the group holds its constant-scale rate: what schedulers and checkpoints see.
     groups = trainer.optimizers[0].param_groups
@@ -307,7 +326,7 @@ def test_a_scheduler_scales_the_ramped_rate_without_compounding_it(tmp_path: Pat
     # Epoch 2 runs at half the rate, with the same ramp factor as the step in an unscheduled run.
     assert rates.weights == pytest.approx([0.01] * 10 + [0.005] * 10)
     assert rates.logits == pytest.approx(
-        [0.05 * 60.0 ** (s / 20) * (0.5 if s >= 10 else 1.0) for s in range(20)])
+        [0.05 * 600.0 ** (s / 20) * (0.5 if s >= 10 else 1.0) for s in range(20)])
     assert sorted(g["lr"] for g in trainer.optimizers[0].param_groups) == pytest.approx(
         [0.0025, 0.0125])  # two epoch ends: 0.25 × the constant-scale rates
 
@@ -352,6 +371,6 @@ def test_a_checkpoint_written_inside_a_step_holds_the_constant_scale_rate(
                         limit_val_batches=0, default_root_dir=tmp_path,
                         callbacks=[rates, SaveMidStep()])
     trainer.fit(_raw(), SyntheticDataModule(n_train=160, batch_size=16))
-    assert rates.logits[10] == pytest.approx(0.05 * 60.0 ** 0.5)  # the step ran ramped
+    assert rates.logits[10] == pytest.approx(0.05 * 600.0 ** 0.5)  # the step ran ramped
     saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["optimizer_states"][0]
     assert sorted(g["lr"] for g in saved["param_groups"]) == pytest.approx([0.01, 0.05])

@@ -50,8 +50,7 @@ class FlexActModule(MigratedCheckpoints, SelectionSchedule, L.LightningModule):
             against a sweep, it pulls picks toward Sigmoid; docs/method.md §5).
         optimizer: Optimizer factory called with the parameter groups.
         lr_scheduler: Optional scheduler factory called with the optimizer.
-        selection_weight_decay: Decay selection logits and activation shapes too (off: decay
-            pulls picks to uniform).
+        selection_weight_decay: Decay selection logits and shapes too (off: decay pulls to uniform).
         selection_lr_scale: The selection logits' learning rate over the optimizer's when they
             start learning; default 5 for a FlexAct head (1 with a standardized gradient), 100
             with ``swap_backbone`` (the paper: 1, picks end near uniform; docs/method.md §5).
@@ -75,8 +74,9 @@ class FlexActModule(MigratedCheckpoints, SelectionSchedule, L.LightningModule):
             while the weights train; default 0 for a head, 0.3 with ``swap_backbone`` (layers
             that select from the first step drift to Identity; docs/method.md §5).
         selection_lr_scale_end: The logits' rate over the optimizer's at the run's end, reached
-            geometrically from ``selection_lr_scale``; default 300 for a head (slow early,
-            decisive late), constant with ``swap_backbone`` or a given ``selection_lr_scale``.
+            geometrically from ``selection_lr_scale`` (after the warm-up); default 3000, slow
+            early, decisive late (with alpha > 0: 300 for a head, constant everywhere); constant
+            where only ``selection_lr_scale`` is given.
 
     The ``flexact`` command adds FiniteGuard and RNGState callbacks; a plain Trainer needs them.
     """
@@ -142,7 +142,7 @@ class FlexActModule(MigratedCheckpoints, SelectionSchedule, L.LightningModule):
             self.model.backbone.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.selection = resolve_selection(self.model, swap_backbone, selection_lr_scale,
                                            share_selection, selection_warmup,
-                                           selection_lr_scale_end)
+                                           selection_lr_scale_end, alpha)
         self.hparams.update(self.selection.as_hparams())  # the values used, as saved
         self.configure_losses()
         self.configure_metrics()

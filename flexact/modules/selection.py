@@ -2,23 +2,25 @@
 
 The two settings answer different questions and were chosen apart against a sweep of
 fixed-activation runs (benchmarks/RESULTS.md, "One FlexAct run vs a sweep"; docs/method.md §5;
-for FlexAct everywhere the measured gain is decisiveness, 88 % of layers against 33 %, with
+for FlexAct everywhere the measured gain is decisiveness, about 90 % of layers against 33 %, with
 picks as often within the sweep's noise as before):
 
-- **Head only** (``swap_backbone`` off): each FlexAct layer on its own, the logits learning from
-  the first step at a rate that grows geometrically over the run, from 5 × the optimizer's to
-  300 × at the end: slow early, where a fast rate locks onto the first candidate that helps,
-  fast late, where a slow one leaves the pick undecided. Where an affine map follows the head's
-  FlexAct layer (``hidden_features``), ``selection_gradient: auto`` compares the candidates on
-  equal footing (``standardized``): that map absorbs a candidate's scale and offset, so only
-  its shape should decide (a digits LeNet's head picks Sigmoid, within the sweep's noise of its
-  best, in 6/6 seeds instead of a ReLU-like candidate outside it).
+- **Head only** (``swap_backbone`` off): each FlexAct layer on its own, the logits learning from the
+  first step at a rate that grows geometrically over the run, from 5 × the optimizer's to 3000 × at
+  the end: slow early, where a fast rate locks onto the first candidate that helps, fast late, where
+  a slow one leaves near-ties (ReLU and LeakyReLU, or a text CNN's head, where every candidate is
+  within the sweep's noise) undecided at the latest commit. Where an affine map follows the head's
+  FlexAct layer (``hidden_features``), ``selection_gradient: auto`` compares the candidates on equal
+  footing (``standardized``): that map absorbs a candidate's scale and offset, so only its shape
+  should decide (a digits LeNet's head picks Sigmoid, within the sweep's noise of its best, in 6/6
+  seeds instead of a ReLU-like candidate outside it).
 - **Everywhere** (``swap_backbone`` on): one selection for the whole network (the question a
   sweep answers), the logits held fixed for the first 30 % of training while the weights fit
-  under the uniform mixture, then learning at 100 × the optimizer's rate. Early in training the
-  loss falls fastest through the most linear candidate, so layers that select from the first
-  step drift to Identity and commit there; after the warm-up the logits follow the signal that
-  separates the candidates once the weights fit.
+  under the uniform mixture, then learning at 100 × the optimizer's rate, growing to 3000 × at
+  the run's end. Early in training the loss falls fastest through the most linear candidate,
+  so layers that select from the first step drift to Identity and commit there; after the
+  warm-up the logits follow the signal that separates the candidates once the weights fit, and
+  the growing rate decides the ties that remain (a depth-8 teacher's ReLU and LeakyReLU).
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ from flexact.nn import FlexAct, FlexActHead, flexact_layers
 from flexact.nn.params import selection_groups
 from flexact.nn.surgery import share_selection as tie_selections
 
-__all__ = ["EVERYWHERE", "HEAD_ONLY", "STANDARDIZED_HEAD_LR_SCALE", "SelectionSchedule",
-           "SelectionSettings", "check_shared_checkpoint", "freeze_selection_logits",
-           "ramped_selection_lr", "resolve_selection", "selection_logits"]
+__all__ = ["EVERYWHERE", "HEAD_ONLY", "REGULARIZED_LR_SCALE_END", "STANDARDIZED_HEAD_LR_SCALE",
+           "SelectionSchedule", "SelectionSettings", "check_shared_checkpoint",
+           "freeze_selection_logits", "ramped_selection_lr", "resolve_selection",
+           "selection_logits"]
 
 
 @dataclass(frozen=True)
@@ -92,11 +95,16 @@ class SelectionSettings:
         return None
 
 
-HEAD_ONLY = SelectionSettings(lr_scale=5.0, share=False, warmup=0.0, lr_scale_end=300.0)
+HEAD_ONLY = SelectionSettings(lr_scale=5.0, share=False, warmup=0.0, lr_scale_end=3000.0)
 STANDARDIZED_HEAD_LR_SCALE = 1.0
 """A head-only head with the standardized selection gradient starts at the optimizer's own rate
 (×5 picked Tanh for a ReLU teacher's head; benchmarks/RESULTS.md, "Reading the sweep table")."""
-EVERYWHERE = SelectionSettings(lr_scale=100.0, share=True, warmup=0.3, lr_scale_end=100.0)
+EVERYWHERE = SelectionSettings(lr_scale=100.0, share=True, warmup=0.3, lr_scale_end=3000.0)
+REGULARIZED_LR_SCALE_END = {False: 300.0, True: 100.0}
+"""The default ``selection_lr_scale_end`` with α > 0, head only (False) or everywhere (True):
+the ends before 3000×. Once the task's gradient on a decided selection fades, Adam turns the
+KL term's steady pull into steps of the full rate, and at 3000× it flipped a synthetic ReLU head
+to Tanh or Sigmoid in 2 of 6 runs with SelectionCommit (0 of 6 at 300×; docs/method.md §5)."""
 
 
 def _shareable(layers: list[FlexAct]) -> bool:
@@ -106,7 +114,7 @@ def _shareable(layers: list[FlexAct]) -> bool:
 
 def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | None,
                       share: bool | None, warmup: float | None,
-                      lr_scale_end: float | None = None) -> SelectionSettings:
+                      lr_scale_end: float | None = None, alpha: float = 0.0) -> SelectionSettings:
     """The settings a module uses (the given values, the others its mode's defaults), applied.
 
     Ties the layers' logits together (:func:`flexact.nn.surgery.share_selection`) if shared.
@@ -124,7 +132,9 @@ def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | N
         share: ``share_selection``, ``None`` for the default.
         warmup: ``selection_warmup``, ``None`` for the default.
         lr_scale_end: ``selection_lr_scale_end``; ``None``: a constant rate where
-            ``lr_scale`` is given, else the mode's default.
+            ``lr_scale`` is given, else the mode's default (with ``alpha`` > 0,
+            :data:`REGULARIZED_LR_SCALE_END`).
+        alpha: The module's α (the KL term's weight).
 
     Raises:
         ConfigError: If ``warmup`` is outside [0, 1), or ``share`` is asked for layers that
@@ -145,8 +155,11 @@ def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | N
     if (not swap_backbone and isinstance(head, FlexActHead) and head.output is not None
             and isinstance(layer, FlexAct) and layer.spec.selection_gradient == "auto"):
         layer.selection_gradient = "standardized"  # an affine map follows: compare shapes
-    if lr_scale_end is None:  # a rate asked for stays constant unless told otherwise
-        lr_scale_end = defaults.lr_scale_end if lr_scale is None else lr_scale
+    if lr_scale_end is None and lr_scale is not None:  # a rate asked for stays constant
+        lr_scale_end = lr_scale
+    elif lr_scale_end is None:
+        lr_scale_end = (REGULARIZED_LR_SCALE_END[swap_backbone] if alpha > 0
+                        else defaults.lr_scale_end)
     if lr_scale is None:
         standardized = (not swap_backbone and isinstance(layer, FlexAct)
                         and layer.selection_gradient == "standardized")
