@@ -176,6 +176,11 @@ def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
     newer = {"swap_backbone": False, "selection_lr_scale": 5.0, "share_selection": False,
              "selection_warmup": 0.0, "selection_lr_scale_end": 300.0}
     assert not migrate_hparams(newer) and newer["selection_lr_scale_end"] == 300.0
+    rebuilt = _module(**newer)  # saved before the 3000× end: it keeps its own
+    assert rebuilt.selection.lr_scale_end == 300.0 and rebuilt.selection.lr_scale == 5.0
+    everywhere = _module(swap_backbone=True, selection_lr_scale=100.0, share_selection=True,
+                         selection_warmup=0.3, selection_lr_scale_end=100.0)
+    assert everywhere.selection.lr_factor(9, 10) == 1.0  # the constant 100× it trained with
     newest = {**newer, "flexact": {"selection_gradient": "auto"}}
     assert not migrate_hparams(newest) and newest["flexact"]["selection_gradient"] == "auto"
     flat = {"swap_backbone": False, "candidates": ["relu", "tanh"]}  # flexact 0.1's flat form

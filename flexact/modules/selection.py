@@ -2,7 +2,7 @@
 
 The two settings answer different questions and were chosen apart against a sweep of
 fixed-activation runs (benchmarks/RESULTS.md, "One FlexAct run vs a sweep"; docs/method.md §5;
-for FlexAct everywhere the measured gain is decisiveness, about 90 % of layers against 33 %, with
+for FlexAct everywhere the measured gain is decisiveness, 92 % of layers against 33 %, with
 picks as often within the sweep's noise as before):
 
 - **Head only** (``swap_backbone`` off): each FlexAct layer on its own, the logits learning from the
@@ -25,9 +25,10 @@ picks as often within the sweep's noise as before):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import lightning as L
@@ -100,9 +101,11 @@ STANDARDIZED_HEAD_LR_SCALE = 1.0
 """A head-only head with the standardized selection gradient starts at the optimizer's own rate
 (×5 picked Tanh for a ReLU teacher's head; benchmarks/RESULTS.md, "Reading the sweep table")."""
 EVERYWHERE = SelectionSettings(lr_scale=100.0, share=True, warmup=0.3, lr_scale_end=3000.0)
-REGULARIZED_LR_SCALE_END = {False: 300.0, True: 100.0}
-"""The default ``selection_lr_scale_end`` with α > 0, head only (False) or everywhere (True):
-the ends before 3000×. Once the task's gradient on a decided selection fades, Adam turns the
+REGULARIZED_LR_SCALE_END: Mapping[bool, float] = MappingProxyType(
+    {False: 300.0, True: EVERYWHERE.lr_scale})
+"""The default ``selection_lr_scale_end`` with α > 0, head only (False) or everywhere (True,
+a constant rate): the ends before 3000×. A resumed run keeps the end it was saved with, also
+when it changes α. Once the task's gradient on a decided selection fades, Adam turns the
 KL term's steady pull into steps of the full rate, and at 3000× it flipped a synthetic ReLU head
 to Tanh or Sigmoid in 2 of 6 runs with SelectionCommit (0 of 6 at 300×; docs/method.md §5)."""
 
