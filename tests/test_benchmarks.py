@@ -137,6 +137,25 @@ def test_sweep_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert everywhere and all(c["hidden"] for c in everywhere)  # backbone sites swapped
 
 
+def test_sweep_judges_the_metric_per_task_mean_and_per_run() -> None:
+    """One seed's miss pulls its task's mean outside the best's noise but costs one run only."""
+    sweep = _load("sweep")
+    variant = sweep.TASKS["synthetic-relu"].variants[0].name
+    layer = [{"pick": "relu", "head": True, "top": 0.99, "committed_at": 0.5}]
+    sweep_mse = {"relu": 0.0, "sigmoid": 8.5, "tanh": 8.7, "leaky_relu": 0.0014, "identity": 2.4}
+    runs = [{"task": "synthetic-relu", "activation": a, "variant": None, "seed": seed,
+             "metric": mse, "seconds": 1.0, "steps": 10, "layers": layer}
+            for seed in (0, 1, 2) for a, mse in sweep_mse.items()]
+    runs += [{"task": "synthetic-relu", "activation": None, "variant": variant, "seed": seed,
+              "metric": mse, "seconds": 1.0, "steps": 10,
+              "layers": [{**layer[0], "pick": pick}]}
+             for seed, mse, pick in ((0, 0.0, "relu"), (1, 0.0, "relu"), (2, 0.0014, "leaky_relu"))]
+    text, (cell,) = sweep.summarize(runs)
+    assert cell["best"] == "relu" and cell["within"] == 2  # LeakyReLU is outside a std of 0
+    assert not cell["metric_within"] and cell["metric_runs"] == 2
+    assert "metric within the best's seed noise in 0/1 tasks (runs: 2/3)" in text
+
+
 def test_sweep_members_of_the_head_only_sweep_keep_the_backbones_relu() -> None:
     from flexact.callbacks.selection_summary import named_layers
 

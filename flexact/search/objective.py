@@ -24,6 +24,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from flexact.nn.layer import FlexAct
 from flexact.nn.spec import FlexActSpec
+from flexact.nn.surgery import share_selection
 from flexact.probe.sites import activation_sites, with_activation
 from flexact.search.oneshot import mean_probabilities, oneshot_scores, ranked
 
@@ -119,9 +120,12 @@ class SearchRun:
                 parent_name, _, name = path.rpartition(".")
                 parent = module.model.get_submodule(parent_name) if parent_name else module.model
                 layer, old = FlexAct(spec), getattr(parent, name)
-                if isinstance(old, FlexAct):  # keep what the module resolved ("auto" footing)
-                    layer.selection_gradient = old.selection_gradient
+                if isinstance(old, FlexAct):  # keep what the module resolved ("auto" settings)
+                    layer.selection_gradient, layer.hard = old.selection_gradient, old.hard
+                    layer.regularize, layer.sync_statistics = old.regularize, old.sync_statistics
                 setattr(parent, name, layer)
+            if getattr(getattr(module, "selection", None), "share", False):
+                share_selection(module.model)  # one selection, as the module's layers had
         pruning = PruningCallback(trial, self.metric)
         if self.objective != "both":  # Optuna prunes single-objective studies only
             cli.trainer.callbacks.append(pruning)
