@@ -60,9 +60,9 @@ Metric: test MSE (synthetic, lower is better) or test accuracy in % (teacher, hi
 of the model in eval mode (FlexAct applies exactly its picks). The sweep's best activation is the
 one with the best mean test metric over seeds.
 
-Usage: ``python benchmarks/sweep.py [--seeds 3] [--epochs N] [--tasks synthetic teacher image
-text ...] [--variants TEXT ...] [--threads 1] [--no-write] [--smoke]`` (about 40 minutes on this
-shared 2-core machine with every variant; ``--variants`` picks some).
+Usage: ``python benchmarks/sweep.py [--seeds 3] [--first-seed 0] [--epochs N] [--tasks synthetic
+teacher image text ...] [--variants TEXT ...] [--threads 1] [--no-write] [--smoke]`` (about 40
+minutes on this shared 2-core machine with every variant; ``--variants`` picks some).
 """
 
 from __future__ import annotations
@@ -623,6 +623,8 @@ faster setting for every run."""
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3, help="seeds per run")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first seed (a replicate on new seeds: --first-seed 6)")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of every run (default: 15 synthetic, 20 teacher)")
     parser.add_argument("--tasks", nargs="+", default=["synthetic", "teacher", "image", "text"],
@@ -666,13 +668,13 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.variants:
             task.variants = [v for v in task.variants if any(t in v.name for t in args.variants)]
         t0 = time.perf_counter()
-        for seed in range(seeds):
+        for seed in range(args.first_seed, args.first_seed + seeds):
             for activation, variant in interleaved(task, seed):
                 runs.append(fit_one(task, seed, epochs or task.epochs, args.smoke, activation,
                                     variant))
         runs_per_seed = len(task.variants) + len(task.sweep_members())
-        print(f"[{name}] {runs_per_seed} runs × {seeds} seeds in {time.perf_counter() - t0:.0f} s",
-              flush=True)
+        print(f"[{name}] {runs_per_seed} runs × {seeds} seeds ({args.first_seed}–"
+              f"{args.first_seed + seeds - 1}) in {time.perf_counter() - t0:.0f} s", flush=True)
     seconds = time.perf_counter() - start
     text, cells = summarize(runs)
     if not args.smoke:
@@ -689,7 +691,8 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
             for k, r in kinds.items())
         write_section(
             "sweep", "One FlexAct run vs a sweep of the five fixed activations", seconds,
-            f"{seeds} seeds; every run (FlexAct or sweep member) of a task has the same "
+            f"{seeds} seeds (from {args.first_seed}); every run (FlexAct or sweep member) of a "
+            "task has the same "
             f"length ({epochs_text}); data: synthetic 2 048 training / 1 024 test samples, "
             "teacher 6 000 examples (4 200 train / 1 200 test), digits 1 500 / 297, reviews "
             f"1 600 / 400; {args.threads} torch thread(s); "

@@ -112,8 +112,9 @@ def test_gpu_checks_script_runs_every_benchmark_and_collects_the_logs(tmp_path: 
 def test_sweep_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     """One FlexAct run against the five-run sweep: every cell has a pick and a time ratio."""
     sweep = _load("sweep")
-    cells = sweep.main(["--smoke", "--no-write"])
+    cells = sweep.main(["--smoke", "--no-write", "--first-seed", "4"])
     out = capsys.readouterr().out
+    assert "[synthetic-tanh] " in out and " × 1 seeds (4–4) in " in out
     assert ("| task | FlexAct | pick per seed (head; hidden layers) | decisive | top p | commit at "
             "| = best | within noise | FlexAct metric | Δ vs best | wall FlexAct / sweep | "
             "steps FlexAct / sweep | s/step ratio |") in out
