@@ -50,8 +50,7 @@ Runs:
   ``kl_reduction="sum"``, i.e. the head's own KL: "mean" divides by every FlexAct layer,
   regularized or not), α = 0, each with the selection learning-rate variants above, one
   selection shared by every layer (``share_selection``) and the standardized gradient; the
-  default shares one selection, holds it for 30 % of the run, then grows ×100 → ×3000, and
-  samples hard after the warm-up (``hard: auto``; soft samples were the default before).
+  default shares one selection, holds it for 30 % of the run, then grows ×100 → ×3000.
 - Every FlexAct run has ``TemperatureAnnealing(1 → 0.2)`` and ``SelectionCommit(mode="adaptive",
   threshold=0.9, patience=3, min_fraction=0.2, check_every_n_steps=20, prune_below=0.02,
   at=0.7)``; sweep members have the same annealing (a no-op for them).
@@ -116,7 +115,7 @@ class Variant:
     kl_reduction: str = "mean"
     # None: the module's default for the run's mode (head only or everywhere)
     selection_lr_scale: float | None = 10.0  # the logits' learning rate over the weights'
-    hard: bool | str = False  # straight-through one-hot samples (GDAS-style); "auto": the rule
+    hard: bool = False  # straight-through one-hot samples (GDAS-style)
     select_after: float | None = 0.0  # selection_warmup: logits fixed for this fraction
     shared: bool | None = False  # one selection for every layer (share_selection)
     selection_lr: float | None = None  # the logits' own learning rate (replaces the scale)
@@ -133,7 +132,7 @@ HEAD_VARIANTS = [
     Variant("head, α=0.1, selection lr ×10", 0.1),
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
             "×3000 raw (flexact's default)", 0.0, selection_lr_scale=None, select_after=None,
-            selection_gradient="auto", hard="auto"),
+            selection_gradient="auto"),
     Variant("head, α=0, selection lr ×1 → ×300 standardized before an affine map, else ×5 → "
             "×300 raw (the default until ×3000)", 0.0, selection_lr_scale=None,
             selection_lr_scale_end=300.0, select_after=None, selection_gradient="auto"),
@@ -166,15 +165,12 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, α=0.3 on the head only, selection lr ×10", 0.3, everywhere=True,
             regularize_backbone=False, kl_reduction="sum"),
     Variant("everywhere, α=0, selection lr ×10 (the earlier default)", 0.0, everywhere=True),
-    Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 and hard samples after 30 % "
-            "(flexact's default)", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
-            select_after=None, selection_gradient="auto", hard="auto"),
+    Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (flexact's default)",
+            0.0, everywhere=True, shared=None, selection_lr_scale=None, select_after=None,
+            selection_gradient="auto"),
     Variant("everywhere, shared, α=0, hard from the first step, selection lr ×100 → ×3000 after "
             "30 %", 0.0, everywhere=True, shared=None, selection_lr_scale=None, select_after=None,
             selection_gradient="auto", hard=True),
-    Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (the default until "
-            "hard)", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
-            select_after=None, selection_gradient="auto"),
     Variant("everywhere, shared, α=0, selection lr ×100 after 30 % (the default until ×3000)",
             0.0, everywhere=True, shared=None, selection_lr_scale=100.0, select_after=None,
             selection_gradient="auto"),

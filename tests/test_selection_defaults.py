@@ -20,7 +20,7 @@ from flexact.modules.selection import (
     REGULARIZED_LR_SCALE_END,
     STANDARDIZED_HEAD_LR_SCALE,
 )
-from flexact.nn import FlexAct, FlexActSpec, flexact_layers
+from flexact.nn import flexact_layers
 
 
 def _module(**kwargs: object) -> FlexActRegressor:
@@ -91,33 +91,6 @@ def test_with_a_kl_term_the_rate_ends_lower_unless_told() -> None:
     assert _raw(alpha=0.0).selection.lr_scale_end == 3000.0
 
 
-def test_everywhere_samples_hard_and_a_head_soft_unless_told() -> None:
-    def hard(module: FlexActRegressor) -> list[bool]:
-        return [layer.hard for _, layer in flexact_layers(module.model)]
-
-    assert FlexActSpec().hard == "auto" and FlexAct().hard is False  # a bare layer: soft
-    assert hard(_module()) == [False] and hard(_raw()) == [False]
-    everywhere = _module(swap_backbone=True)
-    assert hard(everywhere) == [True, True, True]
-    # Saved as given: a checkpoint rebuilds hard layers with swap_backbone, soft without.
-    assert everywhere.hparams["flexact"]["hard"] == "auto"
-    assert hard(_module(swap_backbone=True, flexact=everywhere.hparams["flexact"])) == [True] * 3
-    # Given values win, also per part (backbone_flexact for the swapped sites).
-    assert hard(_module(swap_backbone=True, flexact={"hard": False})) == [False] * 3
-    assert hard(_module(flexact={"hard": True})) == [True]
-    assert hard(_module(swap_backbone=True, backbone_flexact={"hard": False})) == [
-        False, False, True]  # the two swapped sites, then the head
-    # Layers that select on their own sample soft: hard samples did worse there.
-    assert hard(_module(swap_backbone=True, share_selection=False)) == [False] * 3
-    # Straight-through: the training forward's weights are exactly one-hot.
-    layer = next(layer for _, layer in flexact_layers(everywhere.model))
-    weights = layer.sample_weights()
-    assert sorted(weights.tolist()).count(1.0) == 1 and weights.sum().item() == 1.0
-    for bad in ("yes", 1, None):
-        with pytest.raises(ConfigError, match="hard must be true, false or 'auto'"):
-            FlexActSpec(hard=bad)  # type: ignore[arg-type]
-
-
 def test_everywhere_shares_only_where_the_layers_can() -> None:
     # The backbone's sites select among other candidates than the head's: nothing to share.
     mixed = _module(swap_backbone=True, backbone_flexact={"candidates": ["relu", "tanh"]})
@@ -134,19 +107,16 @@ def test_a_warmup_outside_zero_one_is_refused(warmup: float) -> None:
 
 
 class _Record(L.Callback):
-    """The shared logits and the first weight after every optimizer step, and which layers
-    sampled hard in its forward."""
+    """The shared logits and the first weight after every optimizer step."""
 
     def __init__(self) -> None:
         self.logits: list[torch.Tensor] = []
         self.weights: list[torch.Tensor] = []
-        self.hard: list[list[bool]] = []
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object
                            ) -> None:
         self.logits.append(_logits(pl_module)[0].detach().clone())  # type: ignore[arg-type]
         self.weights.append(next(pl_module.parameters()).detach().clone())
-        self.hard.append([layer.hard for _, layer in flexact_layers(pl_module.model)])
 
 
 def test_the_logits_stay_fixed_during_the_warmup_and_learn_after(tmp_path: Path) -> None:
@@ -164,8 +134,6 @@ def test_the_logits_stay_fixed_during_the_warmup_and_learn_after(tmp_path: Path)
     assert not torch.equal(learning[0], frozen[-1])  # the first step after the warm-up moves
     # The weights train from the first step on.
     assert not torch.equal(record.weights[0], record.weights[1])
-    # hard: auto samples the blend while the logits are held, straight-through after.
-    assert record.hard == [[False] * 3] * 10 + [[True] * 3] * 10
 
 
 def test_a_warmup_needs_a_run_of_finite_length(tmp_path: Path) -> None:
@@ -197,10 +165,7 @@ def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
     assert old["share_selection"] is False and old["selection_warmup"] == 0.0
     assert old["selection_lr_scale"] == 10.0  # saved: kept
     assert old["selection_lr_scale_end"] == 10.0  # before the rate could grow: constant
-    # Before "auto" was the default: raw gradients and soft samples.
-    assert old["flexact"] == {"selection_gradient": "raw", "hard": False}
-    assert not any(layer.hard for _, layer in flexact_layers(
-        _module(swap_backbone=True, flexact=old["flexact"]).model))
+    assert old["flexact"] == {"selection_gradient": "raw"}  # before "auto" was the default
     older = {"swap_backbone": False}  # before selection_lr_scale existed: trained at 1×
     assert migrate_hparams(older) and older["selection_lr_scale"] == 1.0
     assert older["selection_lr_scale_end"] == 1.0
@@ -216,19 +181,11 @@ def test_old_checkpoints_keep_the_selection_they_were_trained_with() -> None:
     everywhere = _module(swap_backbone=True, selection_lr_scale=100.0, share_selection=True,
                          selection_warmup=0.3, selection_lr_scale_end=100.0)
     assert everywhere.selection.lr_factor(9, 10) == 1.0  # the constant 100× it trained with
-    newest = {**newer, "flexact": {"selection_gradient": "auto", "hard": "auto"}}
+    newest = {**newer, "flexact": {"selection_gradient": "auto"}}
     assert not migrate_hparams(newest) and newest["flexact"]["selection_gradient"] == "auto"
-    soft = {**newer, "swap_backbone": True, "flexact": {"selection_gradient": "auto",
-                                                         "hard": False}}
-    assert not migrate_hparams(soft)  # saved before hard became "auto": soft, as trained
-    assert not any(layer.hard for _, layer in flexact_layers(
-        _module(swap_backbone=True, flexact=soft["flexact"]).model))
     flat = {"swap_backbone": False, "candidates": ["relu", "tanh"]}  # flexact 0.1's flat form
     assert migrate_hparams(flat)
-    assert flat["flexact"] == {"candidates": ["relu", "tanh"], "selection_gradient": "raw",
-                               "hard": False}
-    flat_hard = {"swap_backbone": True, "hard": True}  # a flat setting given is kept
-    assert migrate_hparams(flat_hard) and flat_hard["flexact"]["hard"] is True
+    assert flat["flexact"] == {"candidates": ["relu", "tanh"], "selection_gradient": "raw"}
     # Hyper-parameters of something else than a FlexActModule are left alone.
     other = {"lr": 0.1}
     assert not migrate_hparams(other) and other == {"lr": 0.1}
@@ -422,39 +379,3 @@ def test_a_checkpoint_written_inside_a_step_holds_the_constant_scale_rate(
     assert rates.logits[10] == pytest.approx(0.05 * 600.0 ** 0.5)  # the step ran ramped
     saved = torch.load(tmp_path / "mid.ckpt", weights_only=True)["optimizer_states"][0]
     assert sorted(g["lr"] for g in saved["param_groups"]) == pytest.approx([0.01, 0.05])
-
-
-def test_the_cli_takes_hard_and_a_checkpoint_rebuilds_the_layers_it_trained(
-        tmp_path: Path) -> None:
-    from flexact.cli import build_cli
-
-    from .conftest import REPO
-
-    config = tmp_path / "everywhere.yaml"
-    config.write_text(f"""
-extends: {REPO / "configs" / "synthetic.yaml"}
-model:
-  init_args:
-    backbone: {{class_path: flexact.backbones.MLP, init_args: {{in_features: 4, hidden: [6]}}}}
-    swap_backbone: true
-""")
-    common = ["--config", str(config), "--trainer.default_root_dir", str(tmp_path),
-              "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-              "--trainer.enable_model_summary", "false", "--trainer.max_epochs", "1",
-              "--data.n_train", "64", "--data.n_val", "32", "--data.batch_size", "32"]
-
-    def hard(module: L.LightningModule) -> list[bool]:
-        return [layer.hard for _, layer in flexact_layers(module.model)]
-
-    cli = build_cli(["fit", *common])
-    assert hard(cli.model) == [True, True]  # the config's `hard: auto`, shared everywhere
-    ckpt = cli.trainer.checkpoint_callback.best_model_path
-    assert hard(FlexActRegressor.load_from_checkpoint(ckpt)) == [True, True]
-    soft = build_cli(["fit", *common, "--model.flexact.hard", "false"])
-    assert hard(soft.model) == [False, False]
-    reloaded = FlexActRegressor.load_from_checkpoint(soft.trainer.checkpoint_callback
-                                                     .best_model_path)
-    assert hard(reloaded) == [False, False]  # as it was trained, not today's default
-    head = build_cli(["fit", *common, "--model.swap_backbone", "false",
-                      "--model.flexact.hard", "true"])
-    assert hard(head.model) == [True]

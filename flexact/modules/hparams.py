@@ -21,16 +21,15 @@ from lightning.pytorch.core.mixins import HyperparametersMixin
 from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import nn
 
-from flexact.errors import ConfigError
+from flexact.modules.selection import check_shared_checkpoint
 
 try:  # Set by LightningCLI while it instantiates: then hparams hold configs, not modules.
     from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 except ImportError:  # pragma: no cover - older or newer Lightning without the context variable
     _given_hyperparameters = None
 
-__all__ = ["EARLIER_DEFAULTS", "EARLIER_SPEC_DEFAULTS", "LEGACY_SPEC_KEYS", "MigratedCheckpoints",
-           "check_shared_checkpoint", "migrate_hparams", "migrate_state_dict", "migrated_file",
-           "unsaved_argument_names"]
+__all__ = ["EARLIER_DEFAULTS", "LEGACY_SPEC_KEYS", "MigratedCheckpoints", "migrate_hparams",
+           "migrate_state_dict", "migrated_file", "unsaved_argument_names"]
 
 LEGACY_SPEC_KEYS = ("candidates", "tau", "hard", "granularity", "eval_mode", "prior",
                     "kl_lambda", "mode")
@@ -40,11 +39,6 @@ EARLIER_DEFAULTS = {"share_selection": False, "selection_warmup": 0.0, "selectio
 """Module settings a checkpoint may lack, and the value it was trained with (before an option
 existed, its behaviour was the value here); each became ``None``, a default that depends on
 ``swap_backbone``."""
-
-EARLIER_SPEC_DEFAULTS = {"selection_gradient": "raw", "hard": False}
-"""FlexAct settings a module's saved spec may lack, and the value it was trained with; each
-became ``auto`` (standardized in a head-only head before an affine map; hard where FlexAct
-everywhere shares one selection)."""
 
 _MODEL_PARTS = ("backbone.", "head.")
 
@@ -64,10 +58,10 @@ def migrate_hparams(hparams: MutableMapping[str, Any]) -> bool:
         earlier["selection_lr_scale_end"] = hparams["selection_lr_scale"]
     legacy = {k: hparams.pop(k) for k in LEGACY_SPEC_KEYS if k in hparams}
     spec = hparams.get("flexact")
-    if "swap_backbone" in hparams and (legacy or spec is not None):
-        # A setting missing from the saved spec predates its "auto" default.
-        legacy.update({k: v for k, v in EARLIER_SPEC_DEFAULTS.items()
-                       if k not in (spec or {}) and k not in legacy})
+    if "swap_backbone" in hparams and (legacy or spec is not None) and (
+            "selection_gradient" not in (spec or {})):
+        # Saved before "auto" (standardized in a head-only head) became the default: raw.
+        legacy["selection_gradient"] = "raw"
     if not legacy:
         return bool(earlier)
     spec = dict(spec or {})
@@ -116,25 +110,6 @@ def unsaved_argument_names(frame: Any) -> list[str]:
         init_args.update(local_args)
     return [name for name, value in init_args.items()
             if isinstance(value, nn.Module) or callable(value)]
-
-
-def check_shared_checkpoint(state_dict: dict[str, object], share: bool) -> None:
-    """Refuse per-layer selection logits for a module whose layers share one set.
-
-    Loading them would copy every layer's logits into the one shared Parameter in turn, so the
-    last layer's would silently win.
-
-    Raises:
-        ConfigError: If ``share`` and the checkpoint's layers hold different logits.
-    """
-    if not share:
-        return
-    logits = [v for k, v in state_dict.items()
-              if k.endswith(".logits") and isinstance(v, torch.Tensor)]
-    if any(v.shape != logits[0].shape or not torch.equal(v, logits[0]) for v in logits[1:]):
-        raise ConfigError("this checkpoint was trained with one selection per FlexAct layer, "
-                          "but the module shares one (share_selection): build it with "
-                          "share_selection=False (and selection_warmup=0, as it was trained)")
 
 
 class MigratedCheckpoints:

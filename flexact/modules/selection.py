@@ -2,9 +2,8 @@
 
 The two settings answer different questions and were chosen apart against a sweep of
 fixed-activation runs (benchmarks/RESULTS.md, "One FlexAct run vs a sweep"; docs/method.md §5;
-for FlexAct everywhere, against each layer selecting on its own from the first step, the
-measured gains are decisiveness, 88 % of layers against 33 %, and picks, 23/24 within the
-sweep's noise):
+for FlexAct everywhere the measured gain is decisiveness, 92 % of layers against 33 %, with
+picks as often within the sweep's noise as before):
 
 - **Head only** (``swap_backbone`` off): each FlexAct layer on its own, the logits learning from the
   first step at a rate that grows geometrically over the run, from 5 × the optimizer's to 3000 × at
@@ -21,10 +20,7 @@ sweep's noise):
   the run's end. Early in training the loss falls fastest through the most linear candidate,
   so layers that select from the first step drift to Identity and commit there; after the
   warm-up the logits follow the signal that separates the candidates once the weights fit, and
-  the growing rate decides the ties that remain (a depth-8 teacher's ReLU and LeakyReLU). After
-  the warm-up the samples are hard (``hard: auto``, straight-through): the weights train against
-  the sampled candidate, not a blend of all five, whose best fit can hide which one trains best
-  (picks within the sweep's noise in 23/24 runs against 20/24; digits 5/6 against 2/6).
+  the growing rate decides the ties that remain (a depth-8 teacher's ReLU and LeakyReLU).
 """
 
 from __future__ import annotations
@@ -36,6 +32,7 @@ from types import MappingProxyType
 from typing import Any
 
 import lightning as L
+import torch
 from torch import nn
 
 from flexact.callbacks.progress import run_length
@@ -45,8 +42,9 @@ from flexact.nn.params import selection_groups
 from flexact.nn.surgery import share_selection as tie_selections
 
 __all__ = ["EVERYWHERE", "HEAD_ONLY", "REGULARIZED_LR_SCALE_END", "STANDARDIZED_HEAD_LR_SCALE",
-           "SelectionSchedule", "SelectionSettings", "freeze_selection_logits",
-           "ramped_selection_lr", "resolve_selection", "selection_logits"]
+           "SelectionSchedule", "SelectionSettings", "check_shared_checkpoint",
+           "freeze_selection_logits", "ramped_selection_lr", "resolve_selection",
+           "selection_logits"]
 
 
 @dataclass(frozen=True)
@@ -60,15 +58,12 @@ class SelectionSettings:
         lr_scale_end: Their learning rate over the optimizer's at the end of the run; between
             the warm-up's end and the run's end the scale grows (or shrinks) geometrically.
             Equal to ``lr_scale``: a constant rate.
-        hard: Layers whose spec says ``hard: auto`` sample straight-through once the warm-up
-            is over (soft during it); not a hyper-parameter: the spec and ``share`` decide it.
     """
 
     lr_scale: float
     share: bool
     warmup: float
     lr_scale_end: float
-    hard: bool = False
 
     def as_hparams(self) -> dict[str, float | bool]:
         """The module's hyper-parameters of these settings."""
@@ -105,8 +100,7 @@ HEAD_ONLY = SelectionSettings(lr_scale=5.0, share=False, warmup=0.0, lr_scale_en
 STANDARDIZED_HEAD_LR_SCALE = 1.0
 """A head-only head with the standardized selection gradient starts at the optimizer's own rate
 (×5 picked Tanh for a ReLU teacher's head; benchmarks/RESULTS.md, "Reading the sweep table")."""
-EVERYWHERE = SelectionSettings(lr_scale=100.0, share=True, warmup=0.3, lr_scale_end=3000.0,
-                               hard=True)
+EVERYWHERE = SelectionSettings(lr_scale=100.0, share=True, warmup=0.3, lr_scale_end=3000.0)
 REGULARIZED_LR_SCALE_END: Mapping[bool, float] = MappingProxyType(
     {False: 300.0, True: EVERYWHERE.lr_scale})
 """The default ``selection_lr_scale_end`` with α > 0, head only (False) or everywhere (True,
@@ -130,8 +124,7 @@ def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | N
 
     With FlexAct everywhere, the default shares one selection only where every layer has the
     same candidates and selects per layer (``share_selection: true`` asked for explicitly
-    raises in that case instead), and ``hard: auto`` layers sample straight-through where the
-    selection is shared. A head-only :class:`~flexact.FlexActHead` with an output map
+    raises in that case instead). A head-only :class:`~flexact.FlexActHead` with an output map
     resolves ``selection_gradient: auto`` to ``standardized``; a head-only head whose gradient
     is standardized starts at :data:`STANDARDIZED_HEAD_LR_SCALE` by default.
 
@@ -162,10 +155,6 @@ def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | N
         tie_selections(model)
     head = getattr(model, "head", None)
     layer = getattr(head, "flexact", None)
-    hard = defaults.hard and share  # per layer: unmeasured, or worse (docs/method.md §5)
-    for _, site in flexact_layers(model):
-        if site.spec.hard == "auto":  # the weights train against the sampled candidate
-            site.hard = hard
     if (not swap_backbone and isinstance(head, FlexActHead) and head.output is not None
             and isinstance(layer, FlexAct) and layer.spec.selection_gradient == "auto"):
         layer.selection_gradient = "standardized"  # an affine map follows: compare shapes
@@ -178,7 +167,7 @@ def resolve_selection(model: nn.Module, swap_backbone: bool, lr_scale: float | N
         standardized = (not swap_backbone and isinstance(layer, FlexAct)
                         and layer.selection_gradient == "standardized")
         lr_scale = STANDARDIZED_HEAD_LR_SCALE if standardized else defaults.lr_scale
-    return SelectionSettings(float(lr_scale), bool(share), warmup, float(lr_scale_end), hard)
+    return SelectionSettings(float(lr_scale), bool(share), warmup, float(lr_scale_end))
 
 
 def selection_logits(model: nn.Module) -> Iterable[nn.Parameter]:
@@ -227,8 +216,8 @@ def ramped_selection_lr(optimizer: Any, factor: float) -> Iterator[None]:
 class SelectionSchedule:
     """LightningModule mixin: the logits' warm-up and rate schedule of ``self.selection``.
 
-    Subclasses that override :meth:`on_train_batch_start`, :meth:`on_before_optimizer_step` or
-    :meth:`optimizer_step` call ``super()``.
+    Subclasses that override :meth:`on_before_optimizer_step` or :meth:`optimizer_step` call
+    ``super()``.
     """
 
     selection: SelectionSettings
@@ -248,19 +237,6 @@ class SelectionSchedule:
         # Not in on_fit_start: the length would set up the data loaders early, out of the
         # order a resumed run restores its random state in.
         self._selection_steps = self.selection.run_steps(self.trainer)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """``hard: auto`` layers sample soft during the warm-up (``SelectionSettings.hard``).
-
-        Drawn at random for every site at every step from the fixed uniform logits, hard
-        samples made a CIFAR ResNet18's weights diverge under SGD; the blend does not.
-        """
-        total = self._run_steps() if self.selection.hard else None
-        if total is not None:
-            hard = self.trainer.global_step >= self.selection.warmup * total
-            for _, layer in flexact_layers(self.model):
-                if layer.spec.hard == "auto":
-                    layer.hard = hard
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
         """No selection-logit update during the warm-up (``selection_warmup``)."""
@@ -291,3 +267,22 @@ class SelectionSchedule:
             for state in checkpoint.get("optimizer_states", []):
                 for group in selection_groups(state.get("param_groups", [])):
                     group["lr"] = group["lr"] / self._selection_lr_factor
+
+
+def check_shared_checkpoint(state_dict: dict[str, object], share: bool) -> None:
+    """Refuse per-layer selection logits for a module whose layers share one set.
+
+    Loading them would copy every layer's logits into the one shared Parameter in turn, so the
+    last layer's would silently win.
+
+    Raises:
+        ConfigError: If ``share`` and the checkpoint's layers hold different logits.
+    """
+    if not share:
+        return
+    logits = [v for k, v in state_dict.items()
+              if k.endswith(".logits") and isinstance(v, torch.Tensor)]
+    if any(v.shape != logits[0].shape or not torch.equal(v, logits[0]) for v in logits[1:]):
+        raise ConfigError("this checkpoint was trained with one selection per FlexAct layer, "
+                          "but the module shares one (share_selection): build it with "
+                          "share_selection=False (and selection_warmup=0, as it was trained)")

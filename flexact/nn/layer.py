@@ -68,7 +68,7 @@ class FlexAct(PruningMixin, CandidateStateMixin, nn.Module):
         kwargs = spec.candidate_kwargs or {}
         self.candidate_names: tuple[str, ...] = tuple(names)
         self.candidates = nn.ModuleList(get_activation(n, **kwargs.get(n, {})) for n in names)
-        self.hard = spec.hard is True  # "auto": soft here, hard if shared everywhere
+        self.hard = spec.hard
         self.granularity: Granularity = spec.granularity
         self.num_channels = num_channels if spec.granularity == "channel" else None
         self.channel_dim = channel_dim

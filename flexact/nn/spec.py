@@ -39,10 +39,7 @@ class FlexActSpec:
         tau: Initial Gumbel-Softmax temperature τ > 0 (a TemperatureAnnealing callback
             overrides it during training).
         hard: Straight-through: the forward weights are exactly one-hot, gradients those of the
-            soft sample (the weights train against the sampled candidate); ``auto``: hard in a
-            Lightning module with ``swap_backbone`` whose layers share one selection (FlexAct
-            everywhere's default) once its selection warm-up is over, soft elsewhere
-            (docs/method.md §5).
+            soft sample.
         granularity: ``layer``: one selection per layer; ``channel``: one per channel/feature.
         eval_mode: ``argmax``: exactly the picked activation in eval; ``expected``: the
             softmax-weighted blend without noise.
@@ -71,7 +68,7 @@ class FlexActSpec:
 
     candidates: Sequence[str] = PAPER_CANDIDATES
     tau: float = 1.0
-    hard: bool | Literal["auto"] = "auto"
+    hard: bool = False
     granularity: Granularity = "layer"
     eval_mode: EvalMode = "argmax"
     prior: Sequence[float] | str | None = None
@@ -92,8 +89,6 @@ class FlexActSpec:
                 *first, last = (repr(c) for c in get_args(kind))
                 choices = f"{', '.join(first)} or {last}"
                 raise ConfigError(f"{field} must be {choices}, got {getattr(self, field)!r}")
-        if not (isinstance(self.hard, bool) or self.hard == "auto"):
-            raise ConfigError(f"hard must be true, false or 'auto', got {self.hard!r}")
         kl_lambda = self.kl_lambda
         if isinstance(kl_lambda, bool) or not (isinstance(kl_lambda, (int, float))
                                                and math.isfinite(kl_lambda) and kl_lambda > 0):

@@ -121,7 +121,7 @@ class SearchRun:
                 parent = module.model.get_submodule(parent_name) if parent_name else module.model
                 layer, old = FlexAct(spec), getattr(parent, name)
                 if isinstance(old, FlexAct):  # keep what the module resolved ("auto" settings)
-                    layer.selection_gradient, layer.hard = old.selection_gradient, old.hard
+                    layer.selection_gradient = old.selection_gradient
                     layer.regularize, layer.sync_statistics = old.regularize, old.sync_statistics
                 setattr(parent, name, layer)
             if getattr(getattr(module, "selection", None), "share", False):
