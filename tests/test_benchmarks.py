@@ -109,11 +109,20 @@ def test_gpu_checks_script_runs_every_benchmark_and_collects_the_logs(tmp_path: 
     assert (out / "nvidia-smi.txt").read_text() == "H200\n"
 
 
-def test_sweep_benchmark_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+def test_sweep_benchmark_smoke(capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
     """One FlexAct run against the five-run sweep: every cell has a pick and a time ratio."""
     sweep = _load("sweep")
+    fit_one, seeds = sweep.fit_one, []
+
+    def spy(task: object, seed: int, *args: object) -> dict:
+        seeds.append(seed)
+        return fit_one(task, seed, *args)
+
+    monkeypatch.setattr(sweep, "fit_one", spy)
     cells = sweep.main(["--smoke", "--no-write", "--first-seed", "4"])
     out = capsys.readouterr().out
+    assert seeds and set(seeds) == {4}  # every run on the first seed asked for
     assert "[synthetic-tanh] " in out and " × 1 seeds (4–4) in " in out
     assert ("| task | FlexAct | pick per seed (head; hidden layers) | decisive | top p | commit at "
             "| = best | within noise | FlexAct metric | Δ vs best | wall FlexAct / sweep | "
