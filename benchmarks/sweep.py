@@ -123,6 +123,7 @@ class Variant:
     # "standardized" (equal footing), "raw", or "auto" (the default: standardized in a
     # head-only head before an affine map, raw elsewhere)
     selection_gradient: str = "raw"
+    verify: bool = False  # SelectionCommit(verify=True): the loss check of each pick at commit
 
 
 HEAD_VARIANTS = [
@@ -133,6 +134,9 @@ HEAD_VARIANTS = [
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
             "×3000 raw (flexact's default)", 0.0, selection_lr_scale=None, select_after=None,
             selection_gradient="auto"),
+    Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
+            "×3000 raw, picks checked by loss at commit", 0.0, selection_lr_scale=None,
+            select_after=None, selection_gradient="auto", verify=True),
     Variant("head, α=0, selection lr ×1 → ×300 standardized before an affine map, else ×5 → "
             "×300 raw (the default until ×3000)", 0.0, selection_lr_scale=None,
             selection_lr_scale_end=300.0, select_after=None, selection_gradient="auto"),
@@ -168,6 +172,9 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (flexact's default)",
             0.0, everywhere=True, shared=None, selection_lr_scale=None, select_after=None,
             selection_gradient="auto"),
+    Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked by "
+            "loss at commit", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
+            select_after=None, selection_gradient="auto", verify=True),
     Variant("everywhere, shared, α=0, hard from the first step, selection lr ×100 → ×3000 after "
             "30 %", 0.0, everywhere=True, shared=None, selection_lr_scale=None, select_after=None,
             selection_gradient="auto", hard=True),
@@ -372,7 +379,7 @@ def fit_one(task: Task, seed: int, epochs: int, smoke: bool, activation: str | N
     callbacks: list[L.Callback] = [TemperatureAnnealing(start=1.0, end=0.2)]
     commit = None
     if variant is not None:
-        commit = SelectionCommit(**COMMIT)
+        commit = SelectionCommit(**COMMIT, verify=variant.verify)
         callbacks.append(commit)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,

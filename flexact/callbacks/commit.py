@@ -6,7 +6,9 @@ commits each layer on its own once it has settled (its top probability at or abo
 steps and never before ``min_fraction`` of the run), and every layer still open at ``at``.
 A committed layer applies only its pick, so it costs what that activation costs. With
 ``prune_below: ε`` the same checks also drop, for good, every candidate whose probability
-stayed below ε for ``patience`` checks, so an open layer mixes fewer candidates.
+stayed below ε for ``patience`` checks, so an open layer mixes fewer candidates. With
+``verify: true`` each commit first checks the pick against the other live candidates by the loss
+of the commit step's batch (flexact/callbacks/_verify.py).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from jsonargparse.typing import ClosedUnitInterval, PositiveInt
+from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
 
 from flexact.callbacks._checks import check_positive_int
+from flexact.callbacks._verify import check_verifiable, verify_pick
 from flexact.callbacks.progress import progress_position, run_length
 from flexact.callbacks.selection_summary import named_layers
 from flexact.errors import ConfigError
@@ -42,7 +46,8 @@ class SelectionCommit(Callback):
     (see benchmarks/RESULTS.md, Table 1).
 
     Every decision is a function of the trainer's progress and of the logits, which are equal on
-    all ranks, so resumed and multi-device runs commit at the same steps. The commit step of each
+    all ranks, so resumed and multi-device runs commit at the same steps (``verify``'s check
+    also reads the commit step's batch, its losses summed over all ranks). The commit step of each
     layer is kept in checkpoints, logged as ``selection/<layer>/committed_at`` and written to
     ``selection.json`` by :class:`~flexact.callbacks.SelectionLogger`.
 
@@ -59,6 +64,14 @@ class SelectionCommit(Callback):
             layers) every this many optimizer steps, never more often.
         prune_below: Adaptive: drop a candidate whose probability (per-channel layers: in
             every channel) stayed below this for ``patience`` checks; ``null``: no pruning.
+        verify: Check each pick at its commit: every live candidate applied alone (in the layer
+            and the layers sharing its logits) to the commit step's batch, weights as they are,
+            eval mode; another candidate replaces the pick if its mean loss is lower and it is
+            lower on more samples by a sign test's ``verify_z`` (the others are dropped). Catches
+            twins the logits cannot tell apart (ReLU and LeakyReLU) and an early lock on the
+            wrong candidate. Per-layer selections only; needs a FlexActModule's criterion.
+        verify_z: The sign-test z, ``(n₊ − n₋) / √(n₊ + n₋)`` over the batch's samples where a
+            candidate's loss is lower (n₊) or higher (n₋) than the pick's, a switch needs.
     """
 
     def __init__(
@@ -72,6 +85,8 @@ class SelectionCommit(Callback):
         min_fraction: ClosedUnitInterval = 0.2,
         check_every_n_steps: PositiveInt = 50,
         prune_below: ClosedUnitInterval | None = None,
+        verify: bool = False,
+        verify_z: PositiveFloat = 3.0,
     ) -> None:
         self.at = _fraction("at", at)
         if interval not in ("step", "epoch"):
@@ -94,6 +109,13 @@ class SelectionCommit(Callback):
         self.check_every_n_steps = check_positive_int("SelectionCommit", "check_every_n_steps",
                                                       check_every_n_steps)
         self.prune_below = None if prune_below is None else _fraction("prune_below", prune_below)
+        if isinstance(verify_z, bool) or not (isinstance(verify_z, (int, float)) and verify_z > 0):
+            raise ConfigError(f"SelectionCommit verify_z must be a positive number (a sign-test "
+                              f"z, e.g. 3), got {verify_z!r}")
+        self.verify, self.verify_z = bool(verify), float(verify_z)
+        self.verdicts: dict[str, dict[str, Any]] = {}
+        """Each checked layer's verdict (``verify``): the logits' pick, the chosen candidate,
+        the mean loss of every live candidate and each other one's sign-test z."""
         self.committed_steps: dict[str, int] = {}
         """Global step at which each layer (by its metric name) committed."""
         self.streaks: dict[str, int] = {}
@@ -117,6 +139,36 @@ class SelectionCommit(Callback):
         self.streaks.pop(name, None)
         for logger in trainer.loggers:
             logger.log_metrics({f"selection/{name}/committed_at": float(step)}, step=step)
+
+    def _commit_layers(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                       named: list[tuple[str, FlexAct]], batch: Any) -> None:
+        if self.verify and batch is not None:  # one check per set of layers sharing logits
+            groups: dict[int, list[tuple[str, FlexAct]]] = {}
+            for name, layer in named:
+                groups.setdefault(id(layer.logits), []).append((name, layer))
+            for group in groups.values():
+                self._verify(pl_module, group, batch)
+        for name, layer in named:
+            self._commit(trainer, name, layer)
+
+    def _verify(self, pl_module: L.LightningModule, group: list[tuple[str, FlexAct]],
+                batch: Any) -> None:
+        layers = [layer for _, layer in group]
+        if any(layer.num_channels is not None for layer in layers) or len(
+                layers[0].live_names) < 2:
+            return
+        verdict = verify_pick(pl_module, layers, batch, self.verify_z)
+        for name, layer in group:
+            self.verdicts[name] = verdict.as_dict()
+            if verdict.chosen != verdict.pick:
+                drop = [c for c in layer.live_names if c != verdict.chosen]
+                layer.drop(drop)
+                self.pruned.setdefault(name, []).extend(drop)
+        if verdict.chosen != verdict.pick:
+            rank_zero_info(
+                f"SelectionCommit: {group[0][0]} commits to {verdict.chosen}, not the logits' "
+                f"{verdict.pick}: loss {verdict.losses[verdict.chosen]:.4g} against "
+                f"{verdict.losses[verdict.pick]:.4g} (sign test z {verdict.z[verdict.chosen]:.1f})")
 
     def _settled_layers(self, open_layers: list[tuple[str, FlexAct]]) -> list[str]:
         """Update the streaks from one read of every open layer's probabilities; prune."""
@@ -157,7 +209,8 @@ class SelectionCommit(Callback):
                 and position > self._warmup * total
                 and trainer.global_step % self.check_every_n_steps == 0)
 
-    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, start: bool) -> None:
+    def _apply(self, trainer: L.Trainer, pl_module: L.LightningModule, start: bool,
+               batch: Any = None) -> None:
         layers = named_layers(pl_module)
         if start:  # a resume, or a new run: bring every layer to the recorded state
             for name, layer in layers:
@@ -169,12 +222,13 @@ class SelectionCommit(Callback):
         position = progress_position(trainer, self.interval)
         open_layers = [(n, layer) for n, layer in layers if n not in self.committed_steps]
         if position >= self.at * total:
-            for name, layer in open_layers:
-                self._commit(trainer, name, layer)
+            # A check needs a batch: a run resumed past `at` commits at its first step instead
+            if not (start and self.verify):
+                self._commit_layers(trainer, pl_module, open_layers, batch)
         elif open_layers and not start and self._check_due(trainer, position, total):
-            by_name = dict(open_layers)
-            for name in self._settled_layers(open_layers):
-                self._commit(trainer, name, by_name[name])
+            settled = set(self._settled_layers(open_layers))
+            self._commit_layers(trainer, pl_module,
+                                [(n, layer) for n, layer in open_layers if n in settled], batch)
         everything = bool(layers) and all(n in self.committed_steps for n, _ in layers)
         if everything and not self.committed:
             self.committed_at = position
@@ -206,6 +260,8 @@ class SelectionCommit(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # No adaptive check or pruning while the logits are held fixed: a prior alone would decide.
         self._warmup = self.check_warmup(pl_module)
+        if self.verify:
+            check_verifiable(pl_module)
         self._total = None  # a new fit: its length is read again
         self._apply(trainer, pl_module, start=True)
 
@@ -219,7 +275,7 @@ class SelectionCommit(Callback):
         if self.committed or (position < self.at * total
                               and not self._check_due(trainer, position, total)):
             return
-        self._apply(trainer, pl_module, start=False)
+        self._apply(trainer, pl_module, start=False, batch=batch)
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -227,7 +283,8 @@ class SelectionCommit(Callback):
                 "interval": self.interval, "mode": self.mode,
                 "committed_steps": dict(self.committed_steps), "streaks": dict(self.streaks),
                 "low_streaks": {k: dict(v) for k, v in self.low_streaks.items()},
-                "pruned": {k: list(v) for k, v in self.pruned.items()}}
+                "pruned": {k: list(v) for k, v in self.pruned.items()},
+                "verdicts": dict(self.verdicts)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.committed = state_dict.get("committed", self.committed)
@@ -236,5 +293,6 @@ class SelectionCommit(Callback):
         self.streaks = dict(state_dict.get("streaks", {}))
         self.low_streaks = {k: dict(v) for k, v in state_dict.get("low_streaks", {}).items()}
         self.pruned = {k: list(v) for k, v in state_dict.get("pruned", {}).items()}
+        self.verdicts = dict(state_dict.get("verdicts", {}))
         # A state written before per-layer steps existed has none: its layers commit again at
         # train start if the run is past `at`, as they did then.

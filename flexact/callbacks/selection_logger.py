@@ -97,6 +97,9 @@ class SelectionLogger(SelectionMetrics):
             for name, step in getattr(callback, "committed_steps", {}).items():
                 if name in self.summary:
                     self.summary[name]["committed_at"] = step
+            for name, verdict in getattr(callback, "verdicts", {}).items():
+                if name in self.summary:  # its loss check at the commit (verify: true)
+                    self.summary[name]["commit_check"] = verdict
         self.output_path = write_summary_json(os.path.join(log_dir, self.filename), self.summary)
         if self.plots and self.history_path is not None:
             self.plot_paths = [str(p) for p in plot_history(self.history_path, log_dir)]

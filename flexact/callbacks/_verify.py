@@ -1,0 +1,119 @@
+"""The loss check of a pick at its commit (``SelectionCommit(verify=True)``).
+
+At a layer's commit, each live candidate is applied alone in the layer (and in every layer that
+shares its logits), with the weights as they are, to the commit step's batch in eval mode. The
+pick changes only if another candidate's per-sample loss is lower by a significant margin: a
+paired t statistic of at least ``t_min`` over the batch (over every rank's batch under DDP).
+The weights were trained with the pick, so a candidate that still wins is better, not luckier:
+the check catches twins the logits cannot tell apart (ReLU and LeakyReLU differ by 1 % of the
+negative side) and an early lock on the wrong candidate, and leaves near-ties alone.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from flexact.errors import ConfigError
+from flexact.nn import FlexAct
+from flexact.nn.trial import applying
+
+__all__ = ["Verdict", "check_verifiable", "verify_pick"]
+
+
+@dataclass
+class Verdict:
+    """A loss check's outcome: the logits' pick, the chosen candidate and the evidence."""
+
+    pick: str
+    chosen: str
+    losses: dict[str, float] = field(default_factory=dict)  # mean loss per live candidate
+    z: dict[str, float] = field(default_factory=dict)  # sign-test z of each one's advantage
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pick": self.pick, "chosen": self.chosen, "losses": dict(self.losses),
+                "z": dict(self.z)}
+
+
+def check_verifiable(pl_module: L.LightningModule) -> None:
+    """Refuse a module whose loss the check cannot take per sample.
+
+    Raises:
+        ConfigError: Without ``criterion`` (a ``torch.nn`` loss with ``reduction``) and
+            ``targets_like``, as :class:`~flexact.modules.FlexActModule` has.
+    """
+    criterion = getattr(pl_module, "criterion", None)
+    if not (hasattr(criterion, "reduction") and hasattr(pl_module, "targets_like")):
+        raise ConfigError(
+            f"SelectionCommit(verify=True) takes the loss of each candidate per sample, through "
+            f"the module's criterion (a torch.nn loss with a reduction) and targets_like; "
+            f"{type(pl_module).__name__} has neither: subclass FlexActModule, or set verify: "
+            f"false")
+
+
+def _per_sample(pl_module: Any, batch: Any) -> Tensor:
+    x, y = batch
+    outputs = pl_module(x)
+    criterion = pl_module.criterion
+    reduction = criterion.reduction
+    criterion.reduction = "none"
+    try:
+        loss = criterion(outputs, pl_module.targets_like(outputs, y))
+    finally:
+        criterion.reduction = reduction
+    return loss.reshape(loss.shape[0], -1).mean(1).double()
+
+
+def _all_ranks_sum(values: Tensor) -> Tensor:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def verify_pick(pl_module: L.LightningModule, layers: Sequence[FlexAct], batch: Any,
+                z_min: float) -> Verdict:
+    """Check the pick of ``layers`` (one layer, or layers sharing their logits) on ``batch``.
+
+    Every rank must call it at the same step (it is a collective under DDP).
+
+    Returns:
+        The verdict; ``chosen`` is the pick unless a candidate has the lower mean loss and a
+        sign-test ``z`` of at least ``z_min``, then the lowest such candidate.
+    """
+    first = layers[0]
+    pick = first.candidate_names[int(first.picks())]
+    live = [c for c in first.live_names if all(c in layer.live_names for layer in layers)]
+    training = pl_module.training
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            per_sample = {}
+            for candidate in live:
+                with applying(layers, candidate):
+                    per_sample[candidate] = _per_sample(pl_module, batch)
+    finally:
+        pl_module.train(training)
+    others = [c for c in live if c != pick]
+    base = per_sample[pick]
+    # One collective: Σ loss per candidate, then samples where each one is lower / higher.
+    diffs = [base - per_sample[c] for c in others]
+    packed = torch.stack([*(per_sample[c].sum() for c in live),
+                          *((d > 0).sum().double() for d in diffs),
+                          *((d < 0).sum().double() for d in diffs),
+                          base.new_tensor(float(base.numel()))])
+    packed = _all_ranks_sum(packed).tolist()
+    losses = {c: s / packed[-1] for c, s in zip(live, packed[:len(live)], strict=True)}
+    z = {}
+    for i, candidate in enumerate(others):
+        lower, higher = packed[len(live) + i], packed[len(live) + len(others) + i]
+        z[candidate] = (lower - higher) / math.sqrt(lower + higher) if lower + higher else 0.0
+    better = [c for c in others if z[c] >= z_min and losses[c] < losses[pick]]
+    chosen = min(better, key=losses.__getitem__) if better else pick
+    return Verdict(pick, chosen, losses, z)
