@@ -123,7 +123,7 @@ class Variant:
     # "standardized" (equal footing), "raw", or "auto" (the default: standardized in a
     # head-only head before an affine map, raw elsewhere)
     selection_gradient: str = "raw"
-    verify: bool = False  # SelectionCommit(verify=True): the loss check of each pick at commit
+    verify: bool = False  # SelectionCommit(verify=True): each pick checked at its commit
 
 
 HEAD_VARIANTS = [
@@ -135,7 +135,7 @@ HEAD_VARIANTS = [
             "×3000 raw (flexact's default)", 0.0, selection_lr_scale=None, select_after=None,
             selection_gradient="auto"),
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
-            "×3000 raw, picks checked by loss at commit", 0.0, selection_lr_scale=None,
+            "×3000 raw, picks checked at commit", 0.0, selection_lr_scale=None,
             select_after=None, selection_gradient="auto", verify=True),
     Variant("head, α=0, selection lr ×1 → ×300 standardized before an affine map, else ×5 → "
             "×300 raw (the default until ×3000)", 0.0, selection_lr_scale=None,
@@ -172,8 +172,8 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (flexact's default)",
             0.0, everywhere=True, shared=None, selection_lr_scale=None, select_after=None,
             selection_gradient="auto"),
-    Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked by "
-            "loss at commit", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
+    Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "
+            "commit", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
             select_after=None, selection_gradient="auto", verify=True),
     Variant("everywhere, shared, α=0, hard from the first step, selection lr ×100 → ×3000 after "
             "30 %", 0.0, everywhere=True, shared=None, selection_lr_scale=None, select_after=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -65,7 +66,7 @@ def test_the_check_tells_twins_apart(truth: str, chosen: str) -> None:
     layer = model.model.head.flexact
     verdict = verify_pick(model, [layer], _batch(truth), z_min=3.0)
     assert verdict.pick == "leaky_relu" and verdict.chosen == chosen
-    assert set(verdict.losses) == set(layer.candidate_names)
+    assert set(verdict.losses) == set(layer.candidate_names) and verdict.samples == 64
     if truth == "relu":  # relu is exact on the data; leaky_relu errs on every negative sample
         assert verdict.losses["relu"] < 1e-10 < verdict.losses["leaky_relu"]
         assert verdict.z["relu"] >= 3.0
@@ -146,3 +147,104 @@ def test_verify_needs_a_per_sample_loss_and_a_positive_t() -> None:
     from flexact.callbacks._verify import check_verifiable
     with pytest.raises(ConfigError, match="criterion"):
         check_verifiable(Bare())
+
+
+class RecordVerdicts(L.Callback):
+    """Test-only: each rank writes its verdicts, commit steps and picks to ``<path>/<rank>``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        commit = next(c for c in trainer.callbacks if isinstance(c, SelectionCommit))
+        layers = dict(pl_module.model.named_modules())
+        record = {"verdicts": commit.verdicts, "steps": commit.committed_steps,
+                  "picks": {n: layers[n].selected() for n in commit.committed_steps}}
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / f"{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+def test_two_gloo_ranks_reach_one_verdict(tmp_path: Path) -> None:
+    """Each rank checks its own batch; the counts are summed, so both switch alike."""
+    from .conftest import REPO
+    from .test_distributed import run_bounded
+
+    config = tmp_path / "ddp_verify.yaml"
+    config.write_text(f"""
+extends: {REPO / "configs" / "synthetic.yaml"}
+trainer:
+  callbacks:
+    - class_path: SelectionCommit
+      init_args: {{mode: adaptive, at: 0.9, threshold: 0.9, patience: 2, min_fraction: 0.5,
+                   check_every_n_steps: 4, verify: true}}
+    - class_path: tests.test_verify.RecordVerdicts
+      init_args: {{path: {tmp_path / "verdicts"}}}
+model:
+  init_args:
+    flexact: {{prior: {ON_LEAKY["prior"]}}}
+    selection_lr_scale: 1.0
+    selection_lr_scale_end: 1.0
+""")
+    out = run_bounded([sys.executable, "-m", "flexact", "fit", "--config", str(config),
+                       "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                       "--trainer.strategy", "ddp", "--trainer.max_epochs", "16",
+                       "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+                       "--data.truth", "relu", "--data.n_train", "640", "--data.n_val", "32",
+                       "--data.batch_size", "32"], timeout=180)
+    assert out.returncode == 0, out.stdout[-4000:]
+    ranks = [json.loads((tmp_path / "verdicts" / f"{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    verdict = ranks[0]["verdicts"]["head.flexact"]
+    assert verdict["pick"] == "leaky_relu" and verdict["chosen"] == "relu"
+    assert ranks[0]["picks"]["head.flexact"] == ["relu"]
+    assert verdict["samples"] == 64  # both ranks' batches of 32 counted
+
+
+def test_a_classifier_compares_errors_not_the_cross_entropy() -> None:
+    """Identity in place of Sigmoid sharpens every softmax: a lower loss, no fewer errors."""
+    from flexact.modules import FlexActClassifier
+
+    model = FlexActClassifier(in_features=2, num_classes=2, hidden_features=2,
+                              flexact={"prior": [0.005, 0.98, 0.005, 0.005, 0.005]})
+    head = model.model.head
+    with torch.no_grad():  # logit difference 4·(a(x₁) − a(x₂)): the sign is the same for all
+        head.linear.weight.copy_(torch.eye(2))
+        head.linear.bias.zero_()
+        head.output.weight.copy_(torch.tensor([[2.0, -2.0], [-2.0, 2.0]]))
+        head.output.bias.zero_()
+    x = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)) * 3
+    y = (x[:, 0] < x[:, 1]).long()  # every sample right with sigmoid, identity alike
+    verdict = verify_pick(model, [head.flexact], (x, y), z_min=3.0)
+    assert verdict.pick == verdict.chosen == "sigmoid"
+    assert verdict.losses["sigmoid"] == verdict.losses["identity"] == 0.0
+    model.sample_errors = None  # the cross-entropy instead: identity would take the pick
+    assert verify_pick(model, [head.flexact], (x, y), z_min=3.0).chosen == "identity"
+
+
+def test_layers_sharing_one_selection_are_checked_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flexact.backbones import MLP
+    from flexact.callbacks import commit as commit_module
+
+    groups: list[list[FlexAct]] = []
+    original = commit_module.verify_pick
+
+    def spy(pl_module: L.LightningModule, layers: list[FlexAct], *args: object) -> object:
+        groups.append(list(layers))
+        return original(pl_module, layers, *args)
+
+    monkeypatch.setattr(commit_module, "verify_pick", spy)
+    L.seed_everything(0)
+    model = FlexActRegressor(backbone=MLP(4, hidden=[6, 6]), hidden_features=3,
+                             swap_backbone=True, share_selection=True, selection_warmup=0.0,
+                             optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
+    commit = SelectionCommit(at=0.5, verify=True)  # fixed mode: every layer at half-way
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=tmp_path,
+                        limit_val_batches=0, callbacks=[commit])
+    trainer.fit(model, SyntheticDataModule(n_train=320, batch_size=32))
+    layers = [layer for layer in model.modules() if isinstance(layer, FlexAct)]
+    assert len(layers) == 3 and len(groups) == 1 and len(groups[0]) == 3  # one joint check
+    assert len({json.dumps(v, sort_keys=True) for v in commit.verdicts.values()}) == 1
+    assert len(commit.verdicts) == 3 and len({tuple(layer.selected()) for layer in layers}) == 1
+    assert all(layer.committed for layer in layers)

@@ -1,12 +1,18 @@
-"""The loss check of a pick at its commit (``SelectionCommit(verify=True)``).
+"""The check of a pick at its commit (``SelectionCommit(verify=True)``).
 
 At a layer's commit, each live candidate is applied alone in the layer (and in every layer that
-shares its logits), with the weights as they are, to the commit step's batch in eval mode. The
-pick changes only if another candidate's per-sample loss is lower by a significant margin: a
-paired t statistic of at least ``t_min`` over the batch (over every rank's batch under DDP).
-The weights were trained with the pick, so a candidate that still wins is better, not luckier:
-the check catches twins the logits cannot tell apart (ReLU and LeakyReLU differ by 1 % of the
-negative side) and an early lock on the wrong candidate, and leaves near-ties alone.
+shares its logits), with the weights as they are, to the commit step's batch in eval mode, and
+each sample's error is taken: the module's ``sample_errors(outputs, targets)`` where it has one
+(``FlexActClassifier``: 1 if misclassified, because the cross-entropy of unchanged weights
+favours whichever candidate has the larger outputs), else its loss (``FlexActRegressor``: the
+squared error). The pick changes only if another candidate has the lower mean error and is
+lower on significantly more samples than it is higher: a sign test, ``z = (n₊ − n₋) / √(n₊ +
+n₋)`` of at least ``z_min`` over the batch (every rank's batch under DDP; ties do not count).
+Signs, not a t statistic: a twin that is better wherever the two differ wins however small the
+difference, and a few outlying samples neither make nor block a switch. The weights were trained
+with the pick, so a candidate that still wins is better, not luckier: the check catches twins
+the logits cannot tell apart (ReLU and LeakyReLU differ by a 0.01 slope) and an early lock on
+the wrong candidate, and leaves near-ties alone.
 """
 
 from __future__ import annotations
@@ -33,38 +39,45 @@ class Verdict:
 
     pick: str
     chosen: str
-    losses: dict[str, float] = field(default_factory=dict)  # mean loss per live candidate
+    losses: dict[str, float] = field(default_factory=dict)  # mean error per live candidate
     z: dict[str, float] = field(default_factory=dict)  # sign-test z of each one's advantage
+    samples: int = 0  # the batch's samples, over all ranks
 
     def as_dict(self) -> dict[str, Any]:
         return {"pick": self.pick, "chosen": self.chosen, "losses": dict(self.losses),
-                "z": dict(self.z)}
+                "z": dict(self.z), "samples": self.samples}
 
 
 def check_verifiable(pl_module: L.LightningModule) -> None:
-    """Refuse a module whose loss the check cannot take per sample.
+    """Refuse a module whose error the check cannot take per sample.
 
     Raises:
-        ConfigError: Without ``criterion`` (a ``torch.nn`` loss with ``reduction``) and
-            ``targets_like``, as :class:`~flexact.modules.FlexActModule` has.
+        ConfigError: Without ``targets_like`` and either ``sample_errors`` or ``criterion`` (a
+            ``torch.nn`` loss with ``reduction``), as :class:`~flexact.modules.FlexActModule` has.
     """
     criterion = getattr(pl_module, "criterion", None)
-    if not (hasattr(criterion, "reduction") and hasattr(pl_module, "targets_like")):
+    per_sample = hasattr(pl_module, "sample_errors") or hasattr(criterion, "reduction")
+    if not (per_sample and hasattr(pl_module, "targets_like")):
         raise ConfigError(
-            f"SelectionCommit(verify=True) takes the loss of each candidate per sample, through "
-            f"the module's criterion (a torch.nn loss with a reduction) and targets_like; "
-            f"{type(pl_module).__name__} has neither: subclass FlexActModule, or set verify: "
-            f"false")
+            f"SelectionCommit(verify=True) takes each candidate's error per sample, through the "
+            f"module's sample_errors or criterion (a torch.nn loss with a reduction) and "
+            f"targets_like; {type(pl_module).__name__} lacks them: subclass FlexActModule, or "
+            f"set verify: false")
 
 
 def _per_sample(pl_module: Any, batch: Any) -> Tensor:
+    """Each sample's error: the module's ``sample_errors`` if it has one, else its loss."""
     x, y = batch
     outputs = pl_module(x)
+    y = pl_module.targets_like(outputs, y)
+    errors = getattr(pl_module, "sample_errors", None)
+    if errors is not None:
+        return errors(outputs, y).reshape(outputs.shape[0], -1).mean(1).double()
     criterion = pl_module.criterion
     reduction = criterion.reduction
     criterion.reduction = "none"
     try:
-        loss = criterion(outputs, pl_module.targets_like(outputs, y))
+        loss = criterion(outputs, y)
     finally:
         criterion.reduction = reduction
     return loss.reshape(loss.shape[0], -1).mean(1).double()
@@ -84,7 +97,7 @@ def verify_pick(pl_module: L.LightningModule, layers: Sequence[FlexAct], batch: 
     Every rank must call it at the same step (it is a collective under DDP).
 
     Returns:
-        The verdict; ``chosen`` is the pick unless a candidate has the lower mean loss and a
+        The verdict; ``chosen`` is the pick unless a candidate has the lower mean error and a
         sign-test ``z`` of at least ``z_min``, then the lowest such candidate.
     """
     first = layers[0]
@@ -102,7 +115,7 @@ def verify_pick(pl_module: L.LightningModule, layers: Sequence[FlexAct], batch: 
         pl_module.train(training)
     others = [c for c in live if c != pick]
     base = per_sample[pick]
-    # One collective: Σ loss per candidate, then samples where each one is lower / higher.
+    # One collective: Σ error per candidate, then samples where each one is lower / higher.
     diffs = [base - per_sample[c] for c in others]
     packed = torch.stack([*(per_sample[c].sum() for c in live),
                           *((d > 0).sum().double() for d in diffs),
@@ -116,4 +129,4 @@ def verify_pick(pl_module: L.LightningModule, layers: Sequence[FlexAct], batch: 
         z[candidate] = (lower - higher) / math.sqrt(lower + higher) if lower + higher else 0.0
     better = [c for c in others if z[c] >= z_min and losses[c] < losses[pick]]
     chosen = min(better, key=losses.__getitem__) if better else pick
-    return Verdict(pick, chosen, losses, z)
+    return Verdict(pick, chosen, losses, z, int(packed[-1]))

@@ -8,7 +8,7 @@ A committed layer applies only its pick, so it costs what that activation costs.
 ``prune_below: ε`` the same checks also drop, for good, every candidate whose probability
 stayed below ε for ``patience`` checks, so an open layer mixes fewer candidates. With
 ``verify: true`` each commit first checks the pick against the other live candidates by the loss
-of the commit step's batch (flexact/callbacks/_verify.py).
+(classifiers: the errors) of the commit step's batch (flexact/callbacks/_verify.py).
 """
 
 from __future__ import annotations
@@ -66,10 +66,12 @@ class SelectionCommit(Callback):
             every channel) stayed below this for ``patience`` checks; ``null``: no pruning.
         verify: Check each pick at its commit: every live candidate applied alone (in the layer
             and the layers sharing its logits) to the commit step's batch, weights as they are,
-            eval mode; another candidate replaces the pick if its mean loss is lower and it is
-            lower on more samples by a sign test's ``verify_z`` (the others are dropped). Catches
-            twins the logits cannot tell apart (ReLU and LeakyReLU) and an early lock on the
-            wrong candidate. Per-layer selections only; needs a FlexActModule's criterion.
+            eval mode; another candidate replaces the pick if its mean error (the module's
+            ``sample_errors``, classifiers: misclassified or not; else its loss) is lower and
+            it errs less on more samples by a sign test's ``verify_z`` (the others are
+            dropped). Catches twins the logits cannot tell apart (ReLU and LeakyReLU) and an
+            early lock on the wrong candidate. Per-layer selections only; needs a
+            FlexActModule (or ``sample_errors`` or a ``criterion`` with ``reduction``).
         verify_z: The sign-test z, ``(n₊ − n₋) / √(n₊ + n₋)`` over the batch's samples where a
             candidate's loss is lower (n₊) or higher (n₋) than the pick's, a switch needs.
     """

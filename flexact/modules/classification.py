@@ -57,3 +57,12 @@ class FlexActClassifier(FlexActModule):
     def predictions(self, outputs: Tensor) -> Tensor:
         """Class index of the largest logit."""
         return outputs.argmax(dim=-1)
+
+    def sample_errors(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Per sample, 1 if misclassified, else 0: what ``SelectionCommit(verify=True)`` compares.
+
+        Not the cross-entropy: with the same weights, a candidate with larger outputs (Identity
+        in place of Sigmoid) sharpens every softmax and lowers the loss of each sample already
+        right, though it classifies no better.
+        """
+        return (self.predictions(outputs) != targets).to(outputs.dtype)
