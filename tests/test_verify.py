@@ -248,3 +248,25 @@ def test_layers_sharing_one_selection_are_checked_together(
     assert len({json.dumps(v, sort_keys=True) for v in commit.verdicts.values()}) == 1
     assert len(commit.verdicts) == 3 and len({tuple(layer.selected()) for layer in layers}) == 1
     assert all(layer.committed for layer in layers)
+
+
+def test_a_run_resumed_past_at_checks_at_its_first_step(tmp_path: Path) -> None:
+    """The checkpoint of step 80 precedes the commit at `at` = 0.5: the resumed run must check."""
+    def fit(root: Path, ckpt: Path | None, extra: list[L.Callback]) -> SelectionCommit:
+        L.seed_everything(0)
+        commit = SelectionCommit(at=0.5, verify=True)
+        trainer = L.Trainer(max_epochs=16, accelerator="cpu", logger=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=root, limit_val_batches=0,
+                            callbacks=[commit, RNGState(), *extra])
+        trainer.fit(_regressor(), SyntheticDataModule(truth="relu", n_train=640, batch_size=64),
+                    ckpt_path=ckpt)
+        return commit
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}", every_n_train_steps=80,
+                            save_top_k=-1)
+    full = fit(tmp_path / "full", None, [saver])
+    assert full.verdicts["head.flexact"]["chosen"] == "relu"
+    resumed = fit(tmp_path / "resumed", tmp_path / "ckpt" / "step=80.ckpt", [])
+    assert resumed.verdicts == full.verdicts
+    assert resumed.committed_steps == full.committed_steps == {"head.flexact": 80}
