@@ -73,7 +73,7 @@ class SelectionCommit(Callback):
             early lock on the wrong candidate. Per-layer selections only; needs a
             FlexActModule (or ``sample_errors`` or a ``criterion`` with ``reduction``).
         verify_z: The sign-test z, ``(n₊ − n₋) / √(n₊ + n₋)`` over the batch's samples where a
-            candidate's loss is lower (n₊) or higher (n₋) than the pick's, a switch needs.
+            candidate's error is lower (n₊) or higher (n₋) than the pick's, a switch needs.
     """
 
     def __init__(
