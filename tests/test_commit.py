@@ -152,7 +152,8 @@ def test_bad_adaptive_arguments_are_clear_errors(kwargs: dict[str, Any], message
 
 
 class RecordCommits(L.Callback):
-    """Test-only: each rank writes its commit steps, picks and final logits to ``<path>/<rank>``."""
+    """Test-only: each rank writes its commit steps, picks, final logits and the checks' verdicts
+    to ``<path>/<rank>``."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -162,7 +163,8 @@ class RecordCommits(L.Callback):
         layers = dict(pl_module.model.named_modules())
         record = {"steps": commit.committed_steps, "step": trainer.global_step,
                   "picks": {n: layers[n].selected() for n in commit.committed_steps},
-                  "logits": {n: layers[n].logits.tolist() for n in commit.committed_steps}}
+                  "logits": {n: layers[n].logits.tolist() for n in commit.committed_steps},
+                  "verdicts": commit.verdicts}
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / f"{trainer.global_rank}.json").write_text(json.dumps(record))
 

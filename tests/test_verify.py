@@ -29,13 +29,13 @@ def _regressor(flexact: dict[str, object] | None = None) -> FlexActRegressor:
                             optimizer=lambda p: torch.optim.Adam(p, lr=0.05))
 
 
-def _fitted(truth_weight: float = 5.0) -> FlexActRegressor:
+def _fitted() -> FlexActRegressor:
     """A head whose affine map is exactly the data's: z = 5·x₁."""
     model = _regressor()
     with torch.no_grad():
         linear = model.model.head.linear
         linear.weight.zero_()
-        linear.weight[0, 0] = truth_weight
+        linear.weight[0, 0] = 5.0
         linear.bias.zero_()
     return model
 
@@ -144,24 +144,11 @@ def test_verify_needs_a_per_sample_loss_and_a_positive_t() -> None:
 
     with pytest.raises(ConfigError, match="verify_z"):
         SelectionCommit(verify=True, verify_z=0)
+    with pytest.raises(ConfigError, match="verify must be true or false"):
+        SelectionCommit(verify="yes")  # type: ignore[arg-type]
     from flexact.callbacks._verify import check_verifiable
     with pytest.raises(ConfigError, match="criterion"):
         check_verifiable(Bare())
-
-
-class RecordVerdicts(L.Callback):
-    """Test-only: each rank writes its verdicts, commit steps and picks to ``<path>/<rank>``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = Path(path)
-
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        commit = next(c for c in trainer.callbacks if isinstance(c, SelectionCommit))
-        layers = dict(pl_module.model.named_modules())
-        record = {"verdicts": commit.verdicts, "steps": commit.committed_steps,
-                  "picks": {n: layers[n].selected() for n in commit.committed_steps}}
-        self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / f"{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
 def test_two_gloo_ranks_reach_one_verdict(tmp_path: Path) -> None:
@@ -177,7 +164,7 @@ trainer:
     - class_path: SelectionCommit
       init_args: {{mode: adaptive, at: 0.9, threshold: 0.9, patience: 2, min_fraction: 0.5,
                    check_every_n_steps: 4, verify: true}}
-    - class_path: tests.test_verify.RecordVerdicts
+    - class_path: tests.test_commit.RecordCommits  # its record holds the verdicts
       init_args: {{path: {tmp_path / "verdicts"}}}
 model:
   init_args:

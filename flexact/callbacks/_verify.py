@@ -18,7 +18,7 @@ the wrong candidate, and leaves near-ties alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +42,6 @@ class Verdict:
     losses: dict[str, float] = field(default_factory=dict)  # mean error per live candidate
     z: dict[str, float] = field(default_factory=dict)  # sign-test z of each one's advantage
     samples: int = 0  # the batch's samples, over all ranks
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"pick": self.pick, "chosen": self.chosen, "losses": dict(self.losses),
-                "z": dict(self.z), "samples": self.samples}
 
 
 def check_verifiable(pl_module: L.LightningModule) -> None:
@@ -83,18 +79,17 @@ def _per_sample(pl_module: Any, batch: Any) -> Tensor:
     return loss.reshape(loss.shape[0], -1).mean(1).double()
 
 
-def _all_ranks_sum(values: Tensor) -> Tensor:
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
 def verify_pick(pl_module: L.LightningModule, layers: Sequence[FlexAct], batch: Any,
-                z_min: float) -> Verdict:
+                z_min: float, reduce: Callable[..., Tensor] | None = None) -> Verdict:
     """Check the pick of ``layers`` (one layer, or layers sharing their logits) on ``batch``.
 
-    Every rank must call it at the same step (it is a collective under DDP).
+    Args:
+        pl_module: The module; its mode is restored afterwards.
+        layers: The layers to check, each applying one candidate at a time.
+        batch: ``(inputs, targets)`` after the transfer hooks, as ``training_step`` gets it.
+        z_min: The sign-test z a switch needs.
+        reduce: Sums a tensor over all ranks (``trainer.strategy.reduce``); every rank must
+            then call this at the same step. ``None``: this process's batch alone.
 
     Returns:
         The verdict; ``chosen`` is the pick unless a candidate has the lower mean error and a
@@ -121,7 +116,9 @@ def verify_pick(pl_module: L.LightningModule, layers: Sequence[FlexAct], batch: 
                           *((d > 0).sum().double() for d in diffs),
                           *((d < 0).sum().double() for d in diffs),
                           base.new_tensor(float(base.numel()))])
-    packed = _all_ranks_sum(packed).tolist()
+    if reduce is not None:
+        packed = reduce(packed, reduce_op="sum")
+    packed = packed.tolist()
     losses = {c: s / packed[-1] for c, s in zip(live, packed[:len(live)], strict=True)}
     z = {}
     for i, candidate in enumerate(others):

@@ -13,6 +13,7 @@ stayed below ε for ``patience`` checks, so an open layer mixes fewer candidates
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning as L
@@ -21,7 +22,7 @@ from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from flexact.callbacks._checks import check_positive_int
+from flexact.callbacks._checks import check_flag, check_positive_int
 from flexact.callbacks._verify import check_verifiable, verify_pick
 from flexact.callbacks.progress import progress_position, run_length
 from flexact.callbacks.selection_summary import named_layers
@@ -114,7 +115,7 @@ class SelectionCommit(Callback):
         if isinstance(verify_z, bool) or not (isinstance(verify_z, (int, float)) and verify_z > 0):
             raise ConfigError(f"SelectionCommit verify_z must be a positive number (a sign-test "
                               f"z, e.g. 3), got {verify_z!r}")
-        self.verify, self.verify_z = bool(verify), float(verify_z)
+        self.verify, self.verify_z = check_flag("SelectionCommit", "verify", verify), verify_z
         self.verdicts: dict[str, dict[str, Any]] = {}
         """Each checked layer's verdict (``verify``): the logits' pick, the chosen candidate,
         the mean loss of every live candidate and each other one's sign-test z."""
@@ -149,19 +150,18 @@ class SelectionCommit(Callback):
             for name, layer in named:
                 groups.setdefault(id(layer.logits), []).append((name, layer))
             for group in groups.values():
-                self._verify(pl_module, group, batch)
+                self._verify(trainer, pl_module, group, batch)
         for name, layer in named:
             self._commit(trainer, name, layer)
 
-    def _verify(self, pl_module: L.LightningModule, group: list[tuple[str, FlexAct]],
-                batch: Any) -> None:
+    def _verify(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                group: list[tuple[str, FlexAct]], batch: Any) -> None:
         layers = [layer for _, layer in group]
-        if any(layer.num_channels is not None for layer in layers) or len(
-                layers[0].live_names) < 2:
+        if len(layers[0].live_names) < 2 or any(x.num_channels is not None for x in layers):
             return
-        verdict = verify_pick(pl_module, layers, batch, self.verify_z)
+        verdict = verify_pick(pl_module, layers, batch, self.verify_z, trainer.strategy.reduce)
         for name, layer in group:
-            self.verdicts[name] = verdict.as_dict()
+            self.verdicts[name] = asdict(verdict)
             if verdict.chosen != verdict.pick:
                 drop = [c for c in layer.live_names if c != verdict.chosen]
                 layer.drop(drop)
