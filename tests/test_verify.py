@@ -66,9 +66,9 @@ def test_the_check_tells_twins_apart(truth: str, chosen: str) -> None:
     layer = model.model.head.flexact
     verdict = verify_pick(model, [layer], _batch(truth), z_min=3.0)
     assert verdict.pick == "leaky_relu" and verdict.chosen == chosen
-    assert set(verdict.losses) == set(layer.candidate_names) and verdict.samples == 64
+    assert set(verdict.errors) == set(layer.candidate_names) and verdict.samples == 64
     if truth == "relu":  # relu is exact on the data; leaky_relu errs on every negative sample
-        assert verdict.losses["relu"] < 1e-10 < verdict.losses["leaky_relu"]
+        assert verdict.errors["relu"] < 1e-10 < verdict.errors["leaky_relu"]
         assert verdict.z["relu"] >= 3.0
     assert model.training  # the check ran in eval mode and put the mode back
 
@@ -203,7 +203,7 @@ def test_a_classifier_compares_errors_not_the_cross_entropy() -> None:
     y = (x[:, 0] < x[:, 1]).long()  # every sample right with sigmoid, identity alike
     verdict = verify_pick(model, [head.flexact], (x, y), z_min=3.0)
     assert verdict.pick == verdict.chosen == "sigmoid"
-    assert verdict.losses["sigmoid"] == verdict.losses["identity"] == 0.0
+    assert verdict.errors["sigmoid"] == verdict.errors["identity"] == 0.0
     model.sample_errors = None  # the cross-entropy instead: identity would take the pick
     assert verify_pick(model, [head.flexact], (x, y), z_min=3.0).chosen == "identity"
 

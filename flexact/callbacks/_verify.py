@@ -35,11 +35,11 @@ __all__ = ["Verdict", "check_verifiable", "verify_pick"]
 
 @dataclass
 class Verdict:
-    """A loss check's outcome: the logits' pick, the chosen candidate and the evidence."""
+    """A check's outcome: the logits' pick, the chosen candidate and the evidence."""
 
     pick: str
     chosen: str
-    losses: dict[str, float] = field(default_factory=dict)  # mean error per live candidate
+    errors: dict[str, float] = field(default_factory=dict)  # mean error per live candidate
     z: dict[str, float] = field(default_factory=dict)  # sign-test z of each one's advantage
     samples: int = 0  # the batch's samples, over all ranks
 
@@ -119,11 +119,11 @@ def verify_pick(pl_module: L.LightningModule, layers: Sequence[FlexAct], batch: 
     if reduce is not None:
         packed = reduce(packed, reduce_op="sum")
     packed = packed.tolist()
-    losses = {c: s / packed[-1] for c, s in zip(live, packed[:len(live)], strict=True)}
+    errors = {c: s / packed[-1] for c, s in zip(live, packed[:len(live)], strict=True)}
     z = {}
     for i, candidate in enumerate(others):
         lower, higher = packed[len(live) + i], packed[len(live) + len(others) + i]
         z[candidate] = (lower - higher) / math.sqrt(lower + higher) if lower + higher else 0.0
-    better = [c for c in others if z[c] >= z_min and losses[c] < losses[pick]]
-    chosen = min(better, key=losses.__getitem__) if better else pick
-    return Verdict(pick, chosen, losses, z, int(packed[-1]))
+    better = [c for c in others if z[c] >= z_min and errors[c] < errors[pick]]
+    chosen = min(better, key=errors.__getitem__) if better else pick
+    return Verdict(pick, chosen, errors, z, int(packed[-1]))

@@ -7,8 +7,8 @@ steps and never before ``min_fraction`` of the run), and every layer still open 
 A committed layer applies only its pick, so it costs what that activation costs. With
 ``prune_below: ε`` the same checks also drop, for good, every candidate whose probability
 stayed below ε for ``patience`` checks, so an open layer mixes fewer candidates. With
-``verify: true`` each commit first checks the pick against the other live candidates by the loss
-(classifiers: the errors) of the commit step's batch (flexact/callbacks/_verify.py).
+``verify: true`` each commit first checks the pick against the other live candidates by each
+sample's error on the commit step's batch (flexact/callbacks/_verify.py).
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class SelectionCommit(Callback):
 
     Every decision is a function of the trainer's progress and of the logits, which are equal on
     all ranks, so resumed and multi-device runs commit at the same steps (``verify``'s check
-    also reads the commit step's batch, its losses summed over all ranks). The commit step of each
+    also reads the commit step's batch, its counts summed over all ranks). The commit step of each
     layer is kept in checkpoints, logged as ``selection/<layer>/committed_at`` and written to
     ``selection.json`` by :class:`~flexact.callbacks.SelectionLogger`.
 
@@ -118,7 +118,7 @@ class SelectionCommit(Callback):
         self.verify, self.verify_z = check_flag("SelectionCommit", "verify", verify), verify_z
         self.verdicts: dict[str, dict[str, Any]] = {}
         """Each checked layer's verdict (``verify``): the logits' pick, the chosen candidate,
-        the mean loss of every live candidate and each other one's sign-test z."""
+        the mean error of every live candidate and each other one's sign-test z."""
         self.committed_steps: dict[str, int] = {}
         """Global step at which each layer (by its metric name) committed."""
         self.streaks: dict[str, int] = {}
@@ -145,7 +145,7 @@ class SelectionCommit(Callback):
 
     def _commit_layers(self, trainer: L.Trainer, pl_module: L.LightningModule,
                        named: list[tuple[str, FlexAct]], batch: Any) -> None:
-        if self.verify and batch is not None:  # one check per set of layers sharing logits
+        if self.verify:  # one check per set of layers sharing logits
             groups: dict[int, list[tuple[str, FlexAct]]] = {}
             for name, layer in named:
                 groups.setdefault(id(layer.logits), []).append((name, layer))
@@ -169,8 +169,8 @@ class SelectionCommit(Callback):
         if verdict.chosen != verdict.pick:
             rank_zero_info(
                 f"SelectionCommit: {group[0][0]} commits to {verdict.chosen}, not the logits' "
-                f"{verdict.pick}: loss {verdict.losses[verdict.chosen]:.4g} against "
-                f"{verdict.losses[verdict.pick]:.4g} (sign test z {verdict.z[verdict.chosen]:.1f})")
+                f"{verdict.pick}: error {verdict.errors[verdict.chosen]:.4g} against "
+                f"{verdict.errors[verdict.pick]:.4g} (sign test z {verdict.z[verdict.chosen]:.1f})")
 
     def _settled_layers(self, open_layers: list[tuple[str, FlexAct]]) -> list[str]:
         """Update the streaks from one read of every open layer's probabilities; prune."""
