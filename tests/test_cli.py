@@ -157,8 +157,9 @@ def test_quick_start_recovers_each_truth(truth: str, tmp_path: Path) -> None:
     log = out.stdout + out.stderr
     assert "FlexAct selection" in log and "Epoch 19" in log  # table printed, progress bar shown
     (path,) = tmp_path.rglob("selection.json")
-    pick = json.loads(path.read_text())["head.flexact"]["pick"]
-    assert pick == truth  # the README's quick start says so, for each truth
+    selection = json.loads(path.read_text())["head.flexact"]
+    assert selection["pick"] == truth  # the README's quick start says so, for each truth
+    assert selection["commit_check"]["chosen"] == truth  # the config checks its pick (verify)
 
 
 def test_root_help_names_every_command(capsys: pytest.CaptureFixture[str]) -> None:
