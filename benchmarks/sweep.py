@@ -176,6 +176,9 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (the default until "
             "the check)", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
             select_after=None, selection_gradient="auto"),
+    Variant("everywhere, shared, α=0, standardized, selection lr ×100 → ×3000 after 30 %, picks "
+            "checked at commit", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
+            select_after=None, selection_gradient="standardized", verify=True),
     Variant("everywhere, shared, α=0, hard from the first step, selection lr ×100 → ×3000 after "
             "30 %", 0.0, everywhere=True, shared=None, selection_lr_scale=None, select_after=None,
             selection_gradient="auto", hard=True),
