@@ -49,8 +49,9 @@ Runs:
   ``kl_reduction="mean"``, α = 0.3 on the head only (``regularize_backbone=False`` with
   ``kl_reduction="sum"``, i.e. the head's own KL: "mean" divides by every FlexAct layer,
   regularized or not), α = 0, each with the selection learning-rate variants above, one
-  selection shared by every layer (``share_selection``) and the standardized gradient; the
-  default shares one selection, holds it for 30 % of the run, then grows ×100 → ×3000.
+  selection shared by every layer (``share_selection``) and the standardized gradient (also on
+  the default's schedule); the default shares one selection, holds it for 30 % of the run, then
+  grows ×100 → ×3000.
 - Every FlexAct run has ``TemperatureAnnealing(1 → 0.2)`` and ``SelectionCommit(mode="adaptive",
   threshold=0.9, patience=3, min_fraction=0.2, check_every_n_steps=20, prune_below=0.02,
   at=0.7)``; the defaults also check each pick at its commit (``verify=True``); sweep members
