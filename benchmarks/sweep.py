@@ -43,7 +43,8 @@ Runs:
   from 5 for a raw one; earlier defaults grew to 300), straight-through hard samples, logits held
   fixed for the first 30 % of the run (``select_after``), an absolute selection learning rate (0.1,
   0.3, whatever the weights' rate) and the selection gradient taken against standardized candidate
-  outputs (``selection_gradient="standardized"``).
+  outputs (``selection_gradient="standardized"``), and initial probabilities in which the twins
+  ReLU and LeakyReLU split one share (:data:`TWIN_PRIOR`, heads and everywhere).
 - FlexAct ``everywhere`` (:data:`EVERYWHERE_VARIANTS`; tasks whose backbone has activation
   sites: teacher depth 8, digits, text): ``swap_backbone=True``; α = 0.3 with
   ``kl_reduction="mean"``, α = 0.3 on the head only (``regularize_backbone=False`` with
@@ -106,6 +107,11 @@ COMMIT = {"mode": "adaptive", "threshold": 0.9, "patience": 3, "min_fraction": 0
           "check_every_n_steps": 20, "prune_below": 0.02, "at": 0.7}
 
 
+# Uniform over the four distinct functions, not the five names: ReLU and its twin LeakyReLU
+# (slope 0.01 below 0) split one share, so the first mixture is not 40 % ReLU-like.
+TWIN_PRIOR = (0.125, 0.25, 0.25, 0.125, 0.25)  # relu, sigmoid, tanh, leaky_relu, identity
+
+
 @dataclass(frozen=True)
 class Variant:
     """One FlexAct run per task and seed."""
@@ -126,6 +132,7 @@ class Variant:
     # head-only head before an affine map, raw elsewhere)
     selection_gradient: str = "raw"
     verify: bool = False  # SelectionCommit(verify=True): each pick checked at its commit
+    prior: tuple[float, ...] | None = None  # initial selection probabilities (flexact.prior)
 
 
 HEAD_VARIANTS = [
@@ -139,6 +146,10 @@ HEAD_VARIANTS = [
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
             "×3000 raw (the default until the check)", 0.0, selection_lr_scale=None,
             select_after=None, selection_gradient="auto"),
+    Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
+            "×3000 raw, picks checked at commit, twins share a prior's share", 0.0,
+            selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
+            prior=TWIN_PRIOR),
     Variant("head, α=0, selection lr ×1 → ×300 standardized before an affine map, else ×5 → "
             "×300 raw (the default until ×3000)", 0.0, selection_lr_scale=None,
             selection_lr_scale_end=300.0, select_after=None, selection_gradient="auto"),
@@ -177,6 +188,10 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (the default until "
             "the check)", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
             select_after=None, selection_gradient="auto"),
+    Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "
+            "commit, twins share a prior's share", 0.0, everywhere=True, shared=None,
+            selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
+            prior=TWIN_PRIOR),
     Variant("everywhere, shared, α=0, standardized, selection lr ×100 → ×3000 after 30 %, picks "
             "checked at commit", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
             select_after=None, selection_gradient="standardized", verify=True),
@@ -257,6 +272,8 @@ class Task:
         candidates = CANDIDATES if activation is None else [activation]
         common: dict[str, Any] = {
             "flexact": {"candidates": candidates, "kl_lambda": KL_LAMBDA,
+                        "prior": None if variant is None or variant.prior is None
+                        else list(variant.prior),
                         "hard": variant is not None and variant.hard,
                         # a sweep member has one candidate: its gradient is irrelevant
                         "selection_gradient": "raw" if variant is None
