@@ -15,6 +15,7 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from flexact.callbacks import TemperatureAnnealing
 from flexact.cli import FlexActCLI, build_cli, main
+from flexact.modules import FlexActRegressor
 
 from .conftest import REPO
 from .test_data_images import dead_url  # noqa: F401 - a fixture: a port where nothing listens
@@ -375,6 +377,31 @@ class MyData(LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.data, batch_size=self.batch_size)
+
+
+class _MeanSquare(torch.nn.Module):
+    """A loss with no ``reduction``: no per-sample errors to check a pick with."""
+
+    def forward(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return (outputs - targets).square().mean()
+
+
+class NoPerSampleRegressor(FlexActRegressor):
+    """A user's regressor whose loss cannot be taken per sample."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.criterion = _MeanSquare()
+
+
+def test_a_check_the_module_cannot_take_is_one_line_before_anything_is_written(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """configs/synthetic.yaml checks its picks (verify: true); a module without per-sample
+    errors is refused when the trainer is built, not at train start after the logs exist."""
+    line = _one_line(_run_args(tmp_path, "--model", "tests.test_cli_errors.NoPerSampleRegressor"),
+                     capsys, run_root=tmp_path / "run")
+    assert "SelectionCommit(verify=True)" in line and "NoPerSampleRegressor" in line
+    assert "set verify: false" in line
 
 
 def test_own_data_module_over_a_config(tmp_path: Path) -> None:
