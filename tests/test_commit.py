@@ -169,39 +169,43 @@ class RecordCommits(L.Callback):
         (self.path / f"{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
-def test_two_gloo_ranks_commit_at_the_same_steps(tmp_path: Path) -> None:
-    """Adaptive commits under DDP: both ranks decide from identical logits, at identical steps."""
+def fit_two_ranks(tmp_path: Path, commit: dict[str, Any], model: dict[str, Any],
+                  *overrides: str) -> list[dict[str, Any]]:
+    """``flexact fit`` of configs/synthetic.yaml on two gloo ranks, with ``SelectionCommit(
+    **commit)``, the model's init_args ``model`` and :class:`RecordCommits`; each rank's record.
+    """
+    import yaml
+
     from .conftest import REPO
     from .test_distributed import run_bounded
 
     config = tmp_path / "ddp_commit.yaml"
-    config.write_text(f"""
-extends: {REPO / "configs" / "synthetic.yaml"}
-trainer:
-  callbacks:
-    - class_path: SelectionCommit
-      init_args: {{mode: adaptive, at: 0.9, threshold: 0.9, patience: 2, min_fraction: 0.1,
-                   check_every_n_steps: 4, prune_below: 0.02}}
-    - class_path: tests.test_commit.RecordCommits
-      init_args: {{path: {tmp_path / "commits"}}}
-model:
-  init_args:
-    backbone: {{class_path: flexact.backbones.MLP, init_args: {{in_features: 4, hidden: [6]}}}}
-    hidden_features: 3
-    swap_backbone: true
-    share_selection: false  # each layer on its own, from the first step: per-layer commits
-    selection_warmup: 0.0
-    backbone_flexact: {{}}
-    flexact: {{prior: {SETTLED["prior"]}}}
-""")
+    config.write_text(yaml.safe_dump({
+        "extends": str(REPO / "configs" / "synthetic.yaml"),
+        "trainer": {"callbacks": [
+            {"class_path": "SelectionCommit", "init_args": commit},
+            {"class_path": "tests.test_commit.RecordCommits",
+             "init_args": {"path": str(tmp_path / "records")}}]},
+        "model": {"init_args": model}}))
     out = run_bounded([sys.executable, "-m", "flexact", "fit", "--config", str(config),
                        "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                       "--trainer.strategy", "ddp", "--trainer.max_epochs", "4",
-                       "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-                       "--data.n_train", "160", "--data.n_val", "32", "--data.batch_size", "8"],
-                      timeout=180)
+                       "--trainer.strategy", "ddp", "--trainer.default_root_dir", str(tmp_path),
+                       "--trainer.logger", "false", *overrides], timeout=180)
     assert out.returncode == 0, out.stdout[-4000:]
-    ranks = [json.loads((tmp_path / "commits" / f"{r}.json").read_text()) for r in (0, 1)]
+    return [json.loads((tmp_path / "records" / f"{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_two_gloo_ranks_commit_at_the_same_steps(tmp_path: Path) -> None:
+    """Adaptive commits under DDP: both ranks decide from identical logits, at identical steps."""
+    commit = {"mode": "adaptive", "at": 0.9, "threshold": 0.9, "patience": 2,
+              "min_fraction": 0.1, "check_every_n_steps": 4, "prune_below": 0.02}
+    model = {"backbone": {"class_path": "flexact.backbones.MLP",
+                          "init_args": {"in_features": 4, "hidden": [6]}},
+             "hidden_features": 3, "swap_backbone": True,
+             "share_selection": False,  # each layer on its own, from the first step
+             "selection_warmup": 0.0, "backbone_flexact": {}, "flexact": SETTLED}
+    ranks = fit_two_ranks(tmp_path, commit, model, "--trainer.max_epochs", "4",
+                          "--data.n_train", "160", "--data.n_val", "32", "--data.batch_size", "8")
     assert ranks[0] == ranks[1]
     steps, total = ranks[0]["steps"], ranks[0]["step"]  # 160 / 2 ranks / 8 = 10 steps an epoch
     assert total == 40 and set(steps) == {"backbone.layers.2", "head.flexact"}

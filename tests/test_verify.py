@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -153,33 +152,14 @@ def test_verify_needs_a_per_sample_loss_and_a_positive_t() -> None:
 
 def test_two_gloo_ranks_reach_one_verdict(tmp_path: Path) -> None:
     """Each rank checks its own batch; the counts are summed, so both switch alike."""
-    from .conftest import REPO
-    from .test_distributed import run_bounded
+    from .test_commit import fit_two_ranks
 
-    config = tmp_path / "ddp_verify.yaml"
-    config.write_text(f"""
-extends: {REPO / "configs" / "synthetic.yaml"}
-trainer:
-  callbacks:
-    - class_path: SelectionCommit
-      init_args: {{mode: adaptive, at: 0.9, threshold: 0.9, patience: 2, min_fraction: 0.5,
-                   check_every_n_steps: 4, verify: true}}
-    - class_path: tests.test_commit.RecordCommits  # its record holds the verdicts
-      init_args: {{path: {tmp_path / "verdicts"}}}
-model:
-  init_args:
-    flexact: {{prior: {ON_LEAKY["prior"]}}}
-    selection_lr_scale: 1.0
-    selection_lr_scale_end: 1.0
-""")
-    out = run_bounded([sys.executable, "-m", "flexact", "fit", "--config", str(config),
-                       "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-                       "--trainer.strategy", "ddp", "--trainer.max_epochs", "16",
-                       "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
-                       "--data.truth", "relu", "--data.n_train", "640", "--data.n_val", "32",
-                       "--data.batch_size", "32"], timeout=180)
-    assert out.returncode == 0, out.stdout[-4000:]
-    ranks = [json.loads((tmp_path / "verdicts" / f"{r}.json").read_text()) for r in (0, 1)]
+    commit = {"mode": "adaptive", "at": 0.9, "threshold": 0.9, "patience": 2,
+              "min_fraction": 0.5, "check_every_n_steps": 4, "verify": True}
+    model = {"flexact": ON_LEAKY, "selection_lr_scale": 1.0, "selection_lr_scale_end": 1.0}
+    ranks = fit_two_ranks(tmp_path, commit, model, "--trainer.max_epochs", "16",
+                          "--data.truth", "relu", "--data.n_train", "640", "--data.n_val", "32",
+                          "--data.batch_size", "32")
     assert ranks[0] == ranks[1]
     verdict = ranks[0]["verdicts"]["head.flexact"]
     assert verdict["pick"] == "leaky_relu" and verdict["chosen"] == "relu"
@@ -211,16 +191,16 @@ def test_a_classifier_compares_errors_not_the_cross_entropy() -> None:
 def test_layers_sharing_one_selection_are_checked_together(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from flexact.backbones import MLP
-    from flexact.callbacks import commit as commit_module
+    from flexact.callbacks import _verify as verify_module
 
     groups: list[list[FlexAct]] = []
-    original = commit_module.verify_pick
+    original = verify_module.verify_pick
 
     def spy(pl_module: L.LightningModule, layers: list[FlexAct], *args: object) -> object:
         groups.append(list(layers))
         return original(pl_module, layers, *args)
 
-    monkeypatch.setattr(commit_module, "verify_pick", spy)
+    monkeypatch.setattr(verify_module, "verify_pick", spy)
     L.seed_everything(0)
     model = FlexActRegressor(backbone=MLP(4, hidden=[6, 6]), hidden_features=3,
                              swap_backbone=True, share_selection=True, selection_warmup=0.0,

@@ -24,13 +24,14 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from flexact.errors import ConfigError
 from flexact.nn import FlexAct
 from flexact.nn.trial import applying
 
-__all__ = ["Verdict", "check_verifiable", "verify_pick"]
+__all__ = ["Verdict", "check_group", "check_verifiable", "check_z", "verify_pick"]
 
 
 @dataclass
@@ -59,6 +60,18 @@ def check_verifiable(pl_module: L.LightningModule) -> None:
             f"module's sample_errors or criterion (a torch.nn loss with a reduction) and "
             f"targets_like; {type(pl_module).__name__} lacks them: subclass FlexActModule, or "
             f"set verify: false")
+
+
+def check_z(value: object) -> float:
+    """``verify_z`` as a float.
+
+    Raises:
+        ConfigError: Unless it is a positive number.
+    """
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
+        raise ConfigError(f"SelectionCommit verify_z must be a positive number (a sign-test z, "
+                          f"e.g. 3), got {value!r}")
+    return float(value)
 
 
 def _per_sample(pl_module: Any, batch: Any) -> Tensor:
@@ -127,3 +140,23 @@ def verify_pick(pl_module: L.LightningModule, layers: Sequence[FlexAct], batch: 
     better = [c for c in others if z[c] >= z_min and errors[c] < errors[pick]]
     chosen = min(better, key=errors.__getitem__) if better else pick
     return Verdict(pick, chosen, errors, z, int(packed[-1]))
+
+
+def check_group(pl_module: L.LightningModule, group: Sequence[tuple[str, FlexAct]], batch: Any,
+                z_min: float, reduce: Callable[..., Tensor] | None = None) -> Verdict | None:
+    """:func:`verify_pick` for ``(name, layer)`` pairs sharing logits, announcing a switch.
+
+    Returns:
+        The verdict, or ``None`` where there is nothing to check: one live candidate, or
+        per-channel layers.
+    """
+    layers = [layer for _, layer in group]
+    if len(layers[0].live_names) < 2 or any(x.num_channels is not None for x in layers):
+        return None
+    verdict = verify_pick(pl_module, layers, batch, z_min, reduce)
+    if verdict.chosen != verdict.pick:
+        rank_zero_info(
+            f"SelectionCommit: {group[0][0]} commits to {verdict.chosen}, not the logits' "
+            f"{verdict.pick}: error {verdict.errors[verdict.chosen]:.4g} against "
+            f"{verdict.errors[verdict.pick]:.4g} (sign test z {verdict.z[verdict.chosen]:.1f})")
+    return verdict

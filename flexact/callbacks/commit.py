@@ -20,10 +20,9 @@ import lightning as L
 import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
 
 from flexact.callbacks._checks import check_flag, check_positive_int
-from flexact.callbacks._verify import check_verifiable, verify_pick
+from flexact.callbacks._verify import check_group, check_verifiable, check_z
 from flexact.callbacks.progress import progress_position, run_length
 from flexact.callbacks.selection_summary import named_layers
 from flexact.errors import ConfigError
@@ -112,10 +111,8 @@ class SelectionCommit(Callback):
         self.check_every_n_steps = check_positive_int("SelectionCommit", "check_every_n_steps",
                                                       check_every_n_steps)
         self.prune_below = None if prune_below is None else _fraction("prune_below", prune_below)
-        if isinstance(verify_z, bool) or not (isinstance(verify_z, (int, float)) and verify_z > 0):
-            raise ConfigError(f"SelectionCommit verify_z must be a positive number (a sign-test "
-                              f"z, e.g. 3), got {verify_z!r}")
-        self.verify, self.verify_z = check_flag("SelectionCommit", "verify", verify), verify_z
+        self.verify = check_flag("SelectionCommit", "verify", verify)
+        self.verify_z = check_z(verify_z)
         self.verdicts: dict[str, dict[str, Any]] = {}
         """Each checked layer's verdict (``verify``): the logits' pick, the chosen candidate,
         the mean error of every live candidate and each other one's sign-test z."""
@@ -156,21 +153,13 @@ class SelectionCommit(Callback):
 
     def _verify(self, trainer: L.Trainer, pl_module: L.LightningModule,
                 group: list[tuple[str, FlexAct]], batch: Any) -> None:
-        layers = [layer for _, layer in group]
-        if len(layers[0].live_names) < 2 or any(x.num_channels is not None for x in layers):
-            return
-        verdict = verify_pick(pl_module, layers, batch, self.verify_z, trainer.strategy.reduce)
-        for name, layer in group:
+        verdict = check_group(pl_module, group, batch, self.verify_z, trainer.strategy.reduce)
+        for name, layer in group if verdict is not None else ():
             self.verdicts[name] = asdict(verdict)
             if verdict.chosen != verdict.pick:
                 drop = [c for c in layer.live_names if c != verdict.chosen]
                 layer.drop(drop)
                 self.pruned.setdefault(name, []).extend(drop)
-        if verdict.chosen != verdict.pick:
-            rank_zero_info(
-                f"SelectionCommit: {group[0][0]} commits to {verdict.chosen}, not the logits' "
-                f"{verdict.pick}: error {verdict.errors[verdict.chosen]:.4g} against "
-                f"{verdict.errors[verdict.pick]:.4g} (sign test z {verdict.z[verdict.chosen]:.1f})")
 
     def _settled_layers(self, open_layers: list[tuple[str, FlexAct]]) -> list[str]:
         """Update the streaks from one read of every open layer's probabilities; prune."""
@@ -259,11 +248,15 @@ class SelectionCommit(Callback):
                 f"SelectionCommit at above {warmup:g}, or a smaller selection_warmup")
         return float(warmup)
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # No adaptive check or pruning while the logits are held fixed: a prior alone would decide.
-        self._warmup = self.check_warmup(pl_module)
+    def check_module(self, pl_module: L.LightningModule) -> float:
+        """:meth:`check_warmup`, and with ``verify`` :func:`check_verifiable`; the warm-up."""
         if self.verify:
             check_verifiable(pl_module)
+        return self.check_warmup(pl_module)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # No adaptive check or pruning while the logits are held fixed: a prior alone would decide.
+        self._warmup = self.check_module(pl_module)
         self._total = None  # a new fit: its length is read again
         self._apply(trainer, pl_module, start=True)
 

@@ -98,7 +98,7 @@ class SelectionLogger(SelectionMetrics):
                 if name in self.summary:
                     self.summary[name]["committed_at"] = step
             for name, verdict in getattr(callback, "verdicts", {}).items():
-                if name in self.summary:  # its loss check at the commit (verify: true)
+                if name in self.summary:  # its check at the commit (verify: true)
                     self.summary[name]["commit_check"] = verdict
         self.output_path = write_summary_json(os.path.join(log_dir, self.filename), self.summary)
         if self.plots and self.history_path is not None:

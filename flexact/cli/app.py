@@ -21,7 +21,6 @@ import flexact
 import flexact.backbones
 import flexact.callbacks
 import flexact.datamodules
-from flexact.callbacks._verify import check_verifiable
 from flexact.callbacks.finite_guard import FiniteGuard, NonFiniteLossError
 from flexact.callbacks.rng import RNGState
 from flexact.callbacks.temperature import TemperatureAnnealing
@@ -174,9 +173,7 @@ class FlexActCLI(LightningCLI):
         use_atomic_checkpoints(trainer)
         for callback in trainer.callbacks:  # before anything is written, not at train start
             if isinstance(callback, flexact.callbacks.SelectionCommit):
-                callback.check_warmup(self.model)
-                if callback.verify:  # the same check as at train start, before logs exist
-                    check_verifiable(self.model)
+                callback.check_module(self.model)
         if self.subcommand == "fit":  # a resumed run continues in its checkpoint's run folder
             from flexact.cli.runs import resume_in_run_folder
 

@@ -1,8 +1,9 @@
 """Trying one candidate: FlexAct layers that apply exactly one of their candidates for a while.
 
-A check of a pick (``SelectionCommit(verify=True)``) compares the network's loss with each
-candidate applied alone, with the weights as they are: :func:`applying` sets the layers as a
-commit to that candidate would and restores them afterwards, logits and live set untouched.
+A check of a pick (``SelectionCommit(verify=True)``) compares the network's per-sample errors
+with each candidate applied alone, with the weights as they are: :func:`applying` sets the
+layers as a commit to that candidate would and restores them afterwards, logits and live set
+untouched.
 """
 
 from __future__ import annotations
