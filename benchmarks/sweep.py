@@ -43,8 +43,10 @@ Runs:
   from 5 for a raw one; earlier defaults grew to 300), straight-through hard samples, logits held
   fixed for the first 30 % of the run (``select_after``), an absolute selection learning rate (0.1,
   0.3, whatever the weights' rate) and the selection gradient taken against standardized candidate
-  outputs (``selection_gradient="standardized"``), and initial probabilities in which the twins
-  ReLU and LeakyReLU split one share (:data:`TWIN_PRIOR`, heads and everywhere).
+  outputs (``selection_gradient="standardized"``), initial probabilities in which the twins
+  ReLU and LeakyReLU split one share (:data:`TWIN_PRIOR`, heads and everywhere), and the
+  optimizer's state cleared at each commit (``SelectionCommit(reset_optimizer=True)``, heads
+  and everywhere).
 - FlexAct ``everywhere`` (:data:`EVERYWHERE_VARIANTS`; tasks whose backbone has activation
   sites: teacher depth 8, digits, text): ``swap_backbone=True``; α = 0.3 with
   ``kl_reduction="mean"``, α = 0.3 on the head only (``regularize_backbone=False`` with
@@ -133,6 +135,7 @@ class Variant:
     selection_gradient: str = "raw"
     verify: bool = False  # SelectionCommit(verify=True): each pick checked at its commit
     prior: tuple[float, ...] | None = None  # initial selection probabilities (flexact.prior)
+    reset: bool = False  # SelectionCommit(reset_optimizer=True): fresh optimizer state at commit
 
 
 HEAD_VARIANTS = [
@@ -146,6 +149,10 @@ HEAD_VARIANTS = [
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
             "×3000 raw (the default until the check)", 0.0, selection_lr_scale=None,
             select_after=None, selection_gradient="auto"),
+    Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
+            "×3000 raw, picks checked at commit, fresh optimizer state at commit", 0.0,
+            selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
+            reset=True),
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
             "×3000 raw, picks checked at commit, twins share a prior's share", 0.0,
             selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
@@ -188,6 +195,10 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (the default until "
             "the check)", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
             select_after=None, selection_gradient="auto"),
+    Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "
+            "commit, fresh optimizer state at commit", 0.0, everywhere=True, shared=None,
+            selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
+            reset=True),
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "
             "commit, twins share a prior's share", 0.0, everywhere=True, shared=None,
             selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
@@ -401,7 +412,7 @@ def fit_one(task: Task, seed: int, epochs: int, smoke: bool, activation: str | N
     callbacks: list[L.Callback] = [TemperatureAnnealing(start=1.0, end=0.2)]
     commit = None
     if variant is not None:
-        commit = SelectionCommit(**COMMIT, verify=variant.verify)
+        commit = SelectionCommit(**COMMIT, verify=variant.verify, reset_optimizer=variant.reset)
         callbacks.append(commit)
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,

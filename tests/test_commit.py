@@ -31,9 +31,17 @@ def _module() -> FlexActRegressor:
                             optimizer=lambda p: torch.optim.Adam(p, lr=0.01))
 
 
-def _adaptive() -> SelectionCommit:
+def _adaptive(reset_optimizer: bool = False) -> SelectionCommit:
     return SelectionCommit(mode="adaptive", at=0.9, threshold=0.9, patience=2,
-                           min_fraction=0.1, check_every_n_steps=4)
+                           min_fraction=0.1, check_every_n_steps=4,
+                           reset_optimizer=reset_optimizer)
+
+
+def optimizer_steps(trainer: L.Trainer) -> set[int]:
+    """The weights' step counts in Adam's state (each parameter counts its own steps; a
+    committed layer's logits stop counting at its commit)."""
+    optimizer = trainer.optimizers[0]
+    return {int(optimizer.state[p]["step"]) for p in optimizer.param_groups[0]["params"]}
 
 
 def _fit(root: Path, commit: SelectionCommit, ckpt_path: Path | None = None,
@@ -102,16 +110,28 @@ def test_steps_that_decide_nothing_do_not_walk_the_model(tmp_path: Path,
     assert trainer.global_step == 40 and commit.committed
 
 
-def test_a_resumed_run_commits_at_the_same_steps(tmp_path: Path) -> None:
-    full_commit = _adaptive()
+@pytest.mark.parametrize("reset_optimizer", [False, True])
+def test_a_commit_can_restart_the_optimizer_state(tmp_path: Path, reset_optimizer: bool) -> None:
+    commit = _adaptive(reset_optimizer)
+    trainer, _ = _fit(tmp_path, commit)
+    assert commit.committed_steps == {"head.flexact": 8, "backbone.1": 36}
+    # Cleared at each commit (the last at step 36): Adam's steps count from there.
+    assert optimizer_steps(trainer) == ({40 - 36} if reset_optimizer else {40})
+
+
+@pytest.mark.parametrize(("resume_step", "reset_optimizer"), [(6, False), (12, True)])
+def test_a_resumed_run_commits_at_the_same_steps(tmp_path: Path, resume_step: int,
+                                                 reset_optimizer: bool) -> None:
+    full_commit = _adaptive(reset_optimizer)
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", filename="{step}",
                             every_n_train_steps=6, save_top_k=-1)
     _, full = _fit(tmp_path / "full", full_commit, extra=[saver])
     # Step 6: the head has one check behind it (streak 1) and commits at step 8 only if the
-    # streak is restored.
-    resumed_commit = _adaptive()
+    # streak is restored. Step 12: after the head's commit, whose fresh optimizer state the
+    # checkpoint must carry.
+    resumed_commit = _adaptive(reset_optimizer)
     _, resumed = _fit(tmp_path / "resumed", resumed_commit, ckpt_path=tmp_path / "ckpt" /
-                      "step=6.ckpt")
+                      f"step={resume_step}.ckpt")
     assert resumed_commit.committed_steps == full_commit.committed_steps
     for key, value in full.state_dict().items():
         if isinstance(value, torch.Tensor):
@@ -145,6 +165,7 @@ def test_a_committed_model_is_the_frozen_model(tmp_path: Path) -> None:
     ({"patience": 0}, "patience"),
     ({"min_fraction": 0.8, "at": 0.5}, "min_fraction"),
     ({"check_every_n_steps": 0}, "check_every_n_steps"),
+    ({"reset_optimizer": "yes"}, "reset_optimizer must be true or false"),
 ])
 def test_bad_adaptive_arguments_are_clear_errors(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -164,7 +185,8 @@ class RecordCommits(L.Callback):
         record = {"steps": commit.committed_steps, "step": trainer.global_step,
                   "picks": {n: layers[n].selected() for n in commit.committed_steps},
                   "logits": {n: layers[n].logits.tolist() for n in commit.committed_steps},
-                  "verdicts": commit.verdicts}
+                  "verdicts": commit.verdicts,
+                  "optimizer_steps": sorted(optimizer_steps(trainer))}
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / f"{trainer.global_rank}.json").write_text(json.dumps(record))
 
@@ -198,7 +220,8 @@ def fit_two_ranks(tmp_path: Path, commit: dict[str, Any], model: dict[str, Any],
 def test_two_gloo_ranks_commit_at_the_same_steps(tmp_path: Path) -> None:
     """Adaptive commits under DDP: both ranks decide from identical logits, at identical steps."""
     commit = {"mode": "adaptive", "at": 0.9, "threshold": 0.9, "patience": 2,
-              "min_fraction": 0.1, "check_every_n_steps": 4, "prune_below": 0.02}
+              "min_fraction": 0.1, "check_every_n_steps": 4, "prune_below": 0.02,
+              "reset_optimizer": True}
     model = {"backbone": {"class_path": "flexact.backbones.MLP",
                           "init_args": {"in_features": 4, "hidden": [6]}},
              "hidden_features": 3, "swap_backbone": True,
@@ -211,3 +234,4 @@ def test_two_gloo_ranks_commit_at_the_same_steps(tmp_path: Path) -> None:
     assert total == 40 and set(steps) == {"backbone.layers.2", "head.flexact"}
     assert steps["head.flexact"] < 0.9 * total  # settled early: an adaptive commit
     assert ranks[0]["picks"]["head.flexact"] == ["relu"]
+    assert ranks[0]["optimizer_steps"] == [total - max(steps.values())]  # reset at the last

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flexact.errors import ConfigError
 
-__all__ = ["check_flag", "check_name", "check_positive_int"]
+__all__ = ["check_flag", "check_fraction", "check_name", "check_positive_int"]
 
 
 def check_positive_int(owner: str, name: str, value: object) -> int:
@@ -38,3 +38,14 @@ def check_name(owner: str, name: str, value: object) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ConfigError(f"{owner} {name} must be a non-empty file name, got {value!r}")
     return value
+
+
+def check_fraction(owner: str, name: str, value: object) -> float:
+    """``value`` as a float in [0, 1].
+
+    Raises:
+        ConfigError: If ``value`` is not a number in [0, 1] (a bool is not a number here).
+    """
+    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+        raise ConfigError(f"{owner} {name} must be a fraction in [0, 1], got {value!r}")
+    return float(value)

@@ -21,7 +21,7 @@ import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
-from flexact.callbacks._checks import check_flag, check_positive_int
+from flexact.callbacks._checks import check_flag, check_fraction, check_positive_int
 from flexact.callbacks._verify import check_group, check_verifiable, check_z
 from flexact.callbacks.progress import progress_position, run_length
 from flexact.callbacks.selection_summary import named_layers
@@ -29,12 +29,6 @@ from flexact.errors import ConfigError
 from flexact.nn import FlexAct
 
 __all__ = ["SelectionCommit"]
-
-
-def _fraction(name: str, value: object) -> float:
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-        raise ConfigError(f"SelectionCommit {name} must be a fraction in [0, 1], got {value!r}")
-    return float(value)
 
 
 class SelectionCommit(Callback):
@@ -72,6 +66,9 @@ class SelectionCommit(Callback):
             dropped). Catches twins the logits cannot tell apart (ReLU and LeakyReLU) and an
             early lock on the wrong candidate. Per-layer selections only; needs a
             FlexActModule (or ``sample_errors`` or a ``criterion`` with ``reduction``).
+        reset_optimizer: Clear the optimizers' state (Adam's moments, momentum) whenever a
+            layer commits: it was gathered for the mixture, and the committed network is
+            another function (measured: benchmarks/RESULTS.md, "Fresh optimizer state").
         verify_z: The sign-test z, ``(n₊ − n₋) / √(n₊ + n₋)`` over the batch's samples where a
             candidate's error is lower (n₊) or higher (n₋) than the pick's, a switch needs.
     """
@@ -89,8 +86,9 @@ class SelectionCommit(Callback):
         prune_below: ClosedUnitInterval | None = None,
         verify: bool = False,
         verify_z: PositiveFloat = 3.0,
+        reset_optimizer: bool = False,
     ) -> None:
-        self.at = _fraction("at", at)
+        self.at = check_fraction("SelectionCommit", "at", at)
         if interval not in ("step", "epoch"):
             raise ConfigError(f"SelectionCommit interval must be 'step' or 'epoch', "
                               f"got {interval!r}")
@@ -100,9 +98,9 @@ class SelectionCommit(Callback):
         self.total = None if total is None else check_positive_int("SelectionCommit", "total",
                                                                    total)
         self.mode = mode
-        self.threshold = _fraction("threshold", threshold)
+        self.threshold = check_fraction("SelectionCommit", "threshold", threshold)
         self.patience = check_positive_int("SelectionCommit", "patience", patience)
-        self.min_fraction = _fraction("min_fraction", min_fraction)
+        self.min_fraction = check_fraction("SelectionCommit", "min_fraction", min_fraction)
         self._warmup = 0.0  # the model's selection_warmup, read at train start
         self._total: int | None = None  # this fit's run length, read at train start
         if self.min_fraction > self.at:
@@ -110,9 +108,11 @@ class SelectionCommit(Callback):
                               f"({at}): no layer could commit early")
         self.check_every_n_steps = check_positive_int("SelectionCommit", "check_every_n_steps",
                                                       check_every_n_steps)
-        self.prune_below = None if prune_below is None else _fraction("prune_below", prune_below)
+        self.prune_below = (None if prune_below is None
+                            else check_fraction("SelectionCommit", "prune_below", prune_below))
         self.verify = check_flag("SelectionCommit", "verify", verify)
         self.verify_z = check_z(verify_z)
+        self.reset_optimizer = check_flag("SelectionCommit", "reset_optimizer", reset_optimizer)
         self.verdicts: dict[str, dict[str, Any]] = {}
         """Each checked layer's verdict (``verify``): the logits' pick, the chosen candidate,
         the mean error of every live candidate and each other one's sign-test z."""
@@ -150,6 +150,9 @@ class SelectionCommit(Callback):
                 self._verify(trainer, pl_module, group, batch)
         for name, layer in named:
             self._commit(trainer, name, layer)
+        if named and self.reset_optimizer:  # every rank commits at this step: states stay equal
+            for optimizer in trainer.optimizers:
+                optimizer.state.clear()
 
     def _verify(self, trainer: L.Trainer, pl_module: L.LightningModule,
                 group: list[tuple[str, FlexAct]], batch: Any) -> None:
