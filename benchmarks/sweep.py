@@ -57,7 +57,8 @@ Runs:
   grows ×100 → ×3000.
 - Every FlexAct run has ``TemperatureAnnealing(1 → 0.2)`` and ``SelectionCommit(mode="adaptive",
   threshold=0.9, patience=3, min_fraction=0.2, check_every_n_steps=20, prune_below=0.02,
-  at=0.7)``; the defaults also check each pick at its commit (``verify=True``); sweep members
+  at=0.7)``; the defaults also check each pick at its commit (``verify=True``) and clear the
+  optimizer's state there (``reset_optimizer=True``); sweep members
   have the same annealing (a no-op for them).
 
 Metric: test MSE (synthetic, lower is better) or test accuracy in % (teacher, higher is better),
@@ -144,13 +145,15 @@ HEAD_VARIANTS = [
     Variant("head, α=0.3, selection lr ×10", 0.3),
     Variant("head, α=0.1, selection lr ×10", 0.1),
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
-            "×3000 raw, picks checked at commit (flexact's default)", 0.0,
-            selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True),
+            "×3000 raw, picks checked at commit (the default until the fresh optimizer state)",
+            0.0, selection_lr_scale=None, select_after=None, selection_gradient="auto",
+            verify=True),
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
             "×3000 raw (the default until the check)", 0.0, selection_lr_scale=None,
             select_after=None, selection_gradient="auto"),
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
-            "×3000 raw, picks checked at commit, fresh optimizer state at commit", 0.0,
+            "×3000 raw, picks checked at commit, fresh optimizer state at commit (flexact's "
+            "default)", 0.0,
             selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
             reset=True),
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
@@ -190,13 +193,15 @@ EVERYWHERE_VARIANTS = [
             regularize_backbone=False, kl_reduction="sum"),
     Variant("everywhere, α=0, selection lr ×10 (the earlier default)", 0.0, everywhere=True),
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "
-            "commit (flexact's default)", 0.0, everywhere=True, shared=None,
-            selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True),
+            "commit (the default until the fresh optimizer state)", 0.0, everywhere=True,
+            shared=None, selection_lr_scale=None, select_after=None, selection_gradient="auto",
+            verify=True),
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (the default until "
             "the check)", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
             select_after=None, selection_gradient="auto"),
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "
-            "commit, fresh optimizer state at commit", 0.0, everywhere=True, shared=None,
+            "commit, fresh optimizer state at commit (flexact's default)", 0.0, everywhere=True,
+            shared=None,
             selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
             reset=True),
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "

@@ -82,10 +82,11 @@ def run_truth(truth: str, models: list[str], seeds: int, config: dict[str, Any],
                                 or _callback_args(config, "TemperatureAnnealing") or {}))
     ]
     if commit:
-        # The config's commit, without its check: the check compares one model's per-sample
-        # errors, and here many models train side by side in one module (Table 1's "+ commit"
-        # rows were measured without it).
-        args = {**(_callback_args(config, "SelectionCommit") or {}), "verify": False}
+        # The config's commit, without its check or fresh optimizer state: the check compares
+        # one model's per-sample errors, and here many models train side by side in one module
+        # (Table 1's "+ commit" rows were measured without either).
+        args = {**(_callback_args(config, "SelectionCommit") or {}), "verify": False,
+                "reset_optimizer": False}
         callbacks.append(SelectionCommit(**args))
     lr = model_args["optimizer"]["init_args"]["lr"]
     L.seed_everything(config.get("seed_everything", 0), verbose=False)

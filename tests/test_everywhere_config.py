@@ -30,7 +30,8 @@ def test_the_everywhere_config_commits_one_checked_pick(tmp_path: Path) -> None:
     # The recipe: shared logits, the 30 % warm-up, ×100 → ×3000 (the everywhere defaults) ...
     assert cli.model.selection == EVERYWHERE
     (commit,) = [c for c in cli.trainer.callbacks if isinstance(c, SelectionCommit)]
-    assert (commit.mode, commit.prune_below, commit.verify) == ("adaptive", 0.02, True)
+    assert (commit.mode, commit.prune_below, commit.verify, commit.reset_optimizer) == (
+        "adaptive", 0.02, True, True)
     # ... and what it did: FlexAct at all three sites, one selection, each layer committed
     # after the warm-up with its pick checked.
     layers = [m for m in cli.model.modules() if isinstance(m, FlexAct)]
@@ -43,3 +44,7 @@ def test_the_everywhere_config_commits_one_checked_pick(tmp_path: Path) -> None:
         assert entry["commit_check"]["chosen"] == entry["pick"]
         assert entry["commit_check"]["samples"] == 8
         assert entry["committed_at"] >= EVERYWHERE.warmup * cli.trainer.global_step
+    # The optimizer's state restarted at the commit: every weight's Adam step counts from it.
+    (step,) = {v["committed_at"] for v in selection.values()}
+    counts = {int(s["step"]) for s in cli.trainer.optimizers[0].state.values()}
+    assert counts == {cli.trainer.global_step - step}
