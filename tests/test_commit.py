@@ -119,6 +119,14 @@ def test_a_commit_can_restart_the_optimizer_state(tmp_path: Path, reset_optimize
     assert optimizer_steps(trainer) == ({40 - 36} if reset_optimizer else {40})
 
 
+def test_an_optimizer_without_a_state_dict_cannot_be_reset() -> None:
+    from flexact.callbacks._checks import check_clearable
+
+    check_clearable("SelectionCommit", [torch.optim.Adam([nn.Parameter(torch.zeros(1))])])
+    with pytest.raises(ConfigError, match="has none: set reset_optimizer: false"):
+        check_clearable("SelectionCommit", [object()])
+
+
 @pytest.mark.parametrize(("resume_step", "reset_optimizer"), [(6, False), (12, True)])
 def test_a_resumed_run_commits_at_the_same_steps(tmp_path: Path, resume_step: int,
                                                  reset_optimizer: bool) -> None:

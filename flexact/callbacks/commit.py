@@ -21,7 +21,13 @@ import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
-from flexact.callbacks._checks import check_flag, check_fraction, check_positive_int
+from flexact.callbacks._checks import (
+    check_choice,
+    check_clearable,
+    check_flag,
+    check_fraction,
+    check_positive_int,
+)
 from flexact.callbacks._verify import check_group, check_verifiable, check_z
 from flexact.callbacks.progress import progress_position, run_length
 from flexact.callbacks.selection_summary import named_layers
@@ -89,15 +95,11 @@ class SelectionCommit(Callback):
         reset_optimizer: bool = False,
     ) -> None:
         self.at = check_fraction("SelectionCommit", "at", at)
-        if interval not in ("step", "epoch"):
-            raise ConfigError(f"SelectionCommit interval must be 'step' or 'epoch', "
-                              f"got {interval!r}")
-        if mode not in ("fixed", "adaptive"):
-            raise ConfigError(f"SelectionCommit mode must be 'fixed' or 'adaptive', got {mode!r}")
-        self.interval: Literal["step", "epoch"] = interval
+        self.interval: Literal["step", "epoch"] = check_choice(
+            "SelectionCommit", "interval", interval, ("step", "epoch"))
         self.total = None if total is None else check_positive_int("SelectionCommit", "total",
                                                                    total)
-        self.mode = mode
+        self.mode = check_choice("SelectionCommit", "mode", mode, ("fixed", "adaptive"))
         self.threshold = check_fraction("SelectionCommit", "threshold", threshold)
         self.patience = check_positive_int("SelectionCommit", "patience", patience)
         self.min_fraction = check_fraction("SelectionCommit", "min_fraction", min_fraction)
@@ -260,6 +262,8 @@ class SelectionCommit(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # No adaptive check or pruning while the logits are held fixed: a prior alone would decide.
         self._warmup = self.check_module(pl_module)
+        if self.reset_optimizer:
+            check_clearable("SelectionCommit", trainer.optimizers)
         self._total = None  # a new fit: its length is read again
         self._apply(trainer, pl_module, start=True)
 
