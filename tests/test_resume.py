@@ -67,7 +67,10 @@ def _state(cli: FlexActCLI) -> dict[str, Any]:
         "tau": model.head.flexact.tau,
         "committed": model.head.flexact.committed,
         "lr": optimizer.param_groups[0]["lr"],
-        "exp_avg": optimizer.state[model.head.flexact.logits]["exp_avg"].clone(),
+        # The weight's: the config clears the optimizer's state at the commit (step 11), and
+        # the committed logits train no more, so they have none after it.
+        "exp_avg": optimizer.state[model.head.linear.weight]["exp_avg"].clone(),
+        "adam_step": int(optimizer.state[model.head.linear.weight]["step"]),
         "step": cli.trainer.global_step,
     }
 
@@ -88,6 +91,7 @@ def _assert_same(resumed: dict[str, Any], full: dict[str, Any], trained: bool = 
     assert torch.equal(resumed["logits"], full["logits"])  # bit for bit
     assert torch.equal(resumed["weight"], full["weight"])
     assert torch.equal(resumed["exp_avg"], full["exp_avg"])
+    assert resumed["adam_step"] == full["adam_step"] == 15 - 11  # restarted at the commit
     assert resumed["lr"] == full["lr"]
     assert resumed["committed"] == full["committed"] is True
     if trained:  # the layer keeps the τ of the last trained step (none after the final one)
