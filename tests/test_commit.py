@@ -110,21 +110,48 @@ def test_steps_that_decide_nothing_do_not_walk_the_model(tmp_path: Path,
     assert trainer.global_step == 40 and commit.committed
 
 
+class OptimizerSteps(L.Callback):
+    """Test-only: Adam's step count per parameter name before the step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.steps = at, {}
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.at:
+            state = trainer.optimizers[0].state
+            self.steps = {n: int(state[p]["step"]) if p in state else None
+                          for n, p in pl_module.named_parameters()}
+
+
 @pytest.mark.parametrize("reset_optimizer", [False, True])
 def test_a_commit_can_restart_the_optimizer_state(tmp_path: Path, reset_optimizer: bool) -> None:
-    commit = _adaptive(reset_optimizer)
-    trainer, _ = _fit(tmp_path, commit)
+    commit, snapshot = _adaptive(reset_optimizer), OptimizerSteps(at=12)
+    trainer, _ = _fit(tmp_path, commit, extra=[snapshot])
     assert commit.committed_steps == {"head.flexact": 8, "backbone.1": 36}
     # Cleared at each commit (the last at step 36): Adam's steps count from there.
     assert optimizer_steps(trainer) == ({40 - 36} if reset_optimizer else {40})
+    # Between the commits (step 12): the weights count from the head's commit at 8, the head's
+    # logits have no state left, and the open backbone layer's logits kept theirs.
+    steps = snapshot.steps
+    assert steps["model.head.linear.weight"] == (12 - 8 if reset_optimizer else 12)
+    assert steps["model.head.flexact.logits"] == (None if reset_optimizer else 8)
+    assert steps["model.backbone.1.logits"] == 12
 
 
-def test_an_optimizer_without_a_state_dict_cannot_be_reset() -> None:
-    from flexact.callbacks._checks import check_clearable
+def test_optimizers_that_cannot_restart_are_refused_at_train_start() -> None:
+    from types import SimpleNamespace
 
-    check_clearable("SelectionCommit", [torch.optim.Adam([nn.Parameter(torch.zeros(1))])])
+    from flexact.callbacks._optimizer_state import check_clearable
+
+    adam = torch.optim.Adam([nn.Parameter(torch.zeros(1))])
+    check_clearable("SelectionCommit", [adam])  # torch's own optimizers restart
+    commit = SelectionCommit(reset_optimizer=True)
     with pytest.raises(ConfigError, match="has none: set reset_optimizer: false"):
-        check_clearable("SelectionCommit", [object()])
+        commit.on_train_start(SimpleNamespace(optimizers=[object()]), _module())  # type: ignore[arg-type]
+    adam.param_groups[0]["step"] = 10  # apex's and DeepSpeed's fused Adam count steps here
+    with pytest.raises(ConfigError, match="counts its steps in its parameter groups"):
+        commit.on_train_start(SimpleNamespace(optimizers=[adam]), _module())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("resume_step", "reset_optimizer"), [(6, False), (12, True)])
@@ -141,6 +168,11 @@ def test_a_resumed_run_commits_at_the_same_steps(tmp_path: Path, resume_step: in
     _, resumed = _fit(tmp_path / "resumed", resumed_commit, ckpt_path=tmp_path / "ckpt" /
                       f"step={resume_step}.ckpt")
     assert resumed_commit.committed_steps == full_commit.committed_steps
+    # The checkpoint carries the state as it was: counted from the head's commit at 8 if cleared.
+    saved = torch.load(tmp_path / "ckpt" / f"step={resume_step}.ckpt", weights_only=False)
+    optimizer = saved["optimizer_states"][0]
+    assert {int(optimizer["state"][i]["step"]) for i in optimizer["param_groups"][0]["params"]} \
+        == {resume_step - 8 if reset_optimizer else resume_step}
     for key, value in full.state_dict().items():
         if isinstance(value, torch.Tensor):
             assert torch.equal(value, resumed.state_dict()[key]), key

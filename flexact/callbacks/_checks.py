@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from flexact.errors import ConfigError
 
-__all__ = ["check_clearable", "check_flag", "check_fraction", "check_name", "check_positive_int"]
+__all__ = ["check_choice", "check_flag", "check_fraction", "check_name", "check_positive_int"]
 
 
 def check_positive_int(owner: str, name: str, value: object) -> int:
@@ -54,19 +53,7 @@ def check_fraction(owner: str, name: str, value: object) -> float:
     return float(value)
 
 
-def check_clearable(owner: str, optimizers: Sequence[Any]) -> None:
-    """Refuse optimizers whose state cannot be cleared (``reset_optimizer``).
-
-    Raises:
-        ConfigError: If an optimizer has no ``state`` dict (as some strategies' wrappers lack).
-    """
-    for optimizer in optimizers:
-        if not isinstance(getattr(optimizer, "state", None), dict):
-            raise ConfigError(f"{owner} reset_optimizer clears each optimizer's state dict, but "
-                              f"{type(optimizer).__name__} has none: set reset_optimizer: false")
-
-
-def check_choice(owner: str, name: str, value: Any, choices: Sequence[str]) -> Any:
+def check_choice(owner: str, name: str, value: str, choices: Sequence[str]) -> str:
     """``value`` if it is one of ``choices``.
 
     Raises:

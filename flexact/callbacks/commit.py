@@ -21,13 +21,8 @@ import torch
 from jsonargparse.typing import ClosedUnitInterval, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
-from flexact.callbacks._checks import (
-    check_choice,
-    check_clearable,
-    check_flag,
-    check_fraction,
-    check_positive_int,
-)
+from flexact.callbacks._checks import check_choice, check_flag, check_fraction, check_positive_int
+from flexact.callbacks._optimizer_state import check_clearable, clear_state
 from flexact.callbacks._verify import check_group, check_verifiable, check_z
 from flexact.callbacks.progress import progress_position, run_length
 from flexact.callbacks.selection_summary import named_layers
@@ -72,11 +67,12 @@ class SelectionCommit(Callback):
             dropped). Catches twins the logits cannot tell apart (ReLU and LeakyReLU) and an
             early lock on the wrong candidate. Per-layer selections only; needs a
             FlexActModule (or ``sample_errors`` or a ``criterion`` with ``reduction``).
-        reset_optimizer: Clear the optimizers' state (Adam's moments, momentum) whenever a
-            layer commits: it was gathered for the mixture, and the committed network is
-            another function (measured: benchmarks/RESULTS.md, "Fresh optimizer state").
         verify_z: The sign-test z, ``(n₊ − n₋) / √(n₊ + n₋)`` over the batch's samples where a
             candidate's error is lower (n₊) or higher (n₋) than the pick's, a switch needs.
+        reset_optimizer: Clear the optimizers' state (Adam's moments, momentum) whenever a
+            layer commits (the logits of layers still selecting keep theirs): it was gathered
+            for the mixture, and the committed network is another function (measured:
+            benchmarks/RESULTS.md, "Fresh optimizer state"). Every optimizer of the module.
     """
 
     def __init__(
@@ -153,8 +149,8 @@ class SelectionCommit(Callback):
         for name, layer in named:
             self._commit(trainer, name, layer)
         if named and self.reset_optimizer:  # every rank commits at this step: states stay equal
-            for optimizer in trainer.optimizers:
-                optimizer.state.clear()
+            clear_state(trainer.optimizers, [layer.logits for _, layer in named_layers(pl_module)
+                                             if not layer.committed])
 
     def _verify(self, trainer: L.Trainer, pl_module: L.LightningModule,
                 group: list[tuple[str, FlexAct]], batch: Any) -> None:
