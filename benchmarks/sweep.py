@@ -66,7 +66,8 @@ of the model in eval mode (FlexAct applies exactly its picks). The sweep's best 
 one with the best mean test metric over seeds.
 
 Usage: ``python benchmarks/sweep.py [--seeds 3] [--first-seed 0] [--epochs N] [--tasks synthetic
-teacher image text ...] [--variants TEXT ...] [--threads 1] [--no-write] [--smoke]`` (about 40
+teacher image text ...] [--variants TEXT ...] [--clear-member-state F] [--threads 1]
+[--no-write] [--smoke]`` (about 40
 minutes on this shared 2-core machine with every variant; ``--variants`` picks some).
 """
 
@@ -145,7 +146,7 @@ HEAD_VARIANTS = [
     Variant("head, α=0.3, selection lr ×10", 0.3),
     Variant("head, α=0.1, selection lr ×10", 0.1),
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
-            "×3000 raw, picks checked at commit (the default until the fresh optimizer state)",
+            "×3000 raw, picks checked at commit (the default before the optimizer restart)",
             0.0, selection_lr_scale=None, select_after=None, selection_gradient="auto",
             verify=True),
     Variant("head, α=0, selection lr ×1 → ×3000 standardized before an affine map, else ×5 → "
@@ -193,7 +194,7 @@ EVERYWHERE_VARIANTS = [
             regularize_backbone=False, kl_reduction="sum"),
     Variant("everywhere, α=0, selection lr ×10 (the earlier default)", 0.0, everywhere=True),
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "
-            "commit (the default until the fresh optimizer state)", 0.0, everywhere=True,
+            "commit (the default before the optimizer restart)", 0.0, everywhere=True,
             shared=None, selection_lr_scale=None, select_after=None, selection_gradient="auto",
             verify=True),
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (the default until "
@@ -408,13 +409,36 @@ def evaluate(task: Task, module: L.LightningModule, data: L.LightningDataModule)
     return total / n
 
 
+class ClearStateAt(L.Callback):
+    """Clear the optimizers' state once, before the step at ``fraction`` of the run.
+
+    The control for ``SelectionCommit(reset_optimizer=True)``: a sweep member given the same
+    warm restart, with no selection and no commit (``--clear-member-state``).
+    """
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction, self.step = fraction, -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = int(self.fraction * trainer.estimated_stepping_batches)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             batch: Any, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            for optimizer in trainer.optimizers:
+                optimizer.state.clear()
+
+
 def fit_one(task: Task, seed: int, epochs: int, smoke: bool, activation: str | None = None,
-            variant: Variant | None = None) -> dict[str, Any]:
-    """Train one run; time its ``trainer.fit`` alone."""
+            variant: Variant | None = None, clear_at: float | None = None) -> dict[str, Any]:
+    """Train one run; time its ``trainer.fit`` alone (``clear_at``: :class:`ClearStateAt` for
+    a sweep member)."""
     L.seed_everything(seed, verbose=False)  # initialization and Gumbel noise; data is fixed
     data = task.make_data(smoke)
     module = task.build(activation, variant)
     callbacks: list[L.Callback] = [TemperatureAnnealing(start=1.0, end=0.2)]
+    if activation is not None and clear_at is not None:
+        callbacks.append(ClearStateAt(clear_at))
     commit = None
     if variant is not None:
         commit = SelectionCommit(**COMMIT, verify=variant.verify, reset_optimizer=variant.reset)
@@ -679,6 +703,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                         help="run only the FlexAct variants whose name contains one of these")
     parser.add_argument("--smoke", action="store_true",
                         help="1 seed, 1 epoch, tiny data, two tasks: a seconds-long check")
+    parser.add_argument("--clear-member-state", type=float, default=None, metavar="FRACTION",
+                        help="clear each sweep member's optimizer state once, at this fraction "
+                             "of its run (the control for reset_optimizer)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1: see the notes on this shared machine)")
     args = parser.parse_args(argv)
@@ -716,7 +743,7 @@ def _run(args: argparse.Namespace) -> list[dict[str, Any]]:
         for seed in range(args.first_seed, args.first_seed + seeds):
             for activation, variant in interleaved(task, seed):
                 runs.append(fit_one(task, seed, epochs or task.epochs, args.smoke, activation,
-                                    variant))
+                                    variant, args.clear_member_state))
         runs_per_seed = len(task.variants) + len(task.sweep_members())
         print(f"[{name}] {runs_per_seed} runs × {seeds} seeds ({args.first_seed}–"
               f"{args.first_seed + seeds - 1}) in {time.perf_counter() - t0:.0f} s", flush=True)

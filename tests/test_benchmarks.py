@@ -256,3 +256,23 @@ def test_search_target_is_relative_or_the_best_means_noise() -> None:
     assert search.target_of(truth, runs, ["a", "b"], None) == pytest.approx(2.0)
     with pytest.raises(SystemExit, match="truth_seeds"):
         search.target_of(truth, {"a": [1.0], "b": [2.0]}, ["a", "b"], None)
+
+
+def test_a_sweep_member_can_get_the_commits_warm_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--clear-member-state``: a sweep member's optimizer state cleared once, mid-run."""
+    import lightning as L
+
+    sweep = _load("sweep")
+    ends: list[tuple[int, set[int]]] = []
+
+    class Recording(sweep.ClearStateAt):
+        def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            optimizer = trainer.optimizers[0]
+            ends.append((trainer.global_step, {int(optimizer.state[p]["step"])
+                                               for p in optimizer.param_groups[0]["params"]}))
+
+    monkeypatch.setattr(sweep, "ClearStateAt", Recording)
+    task = sweep.TASKS["synthetic-tanh"]  # smoke data: 256 samples, batch 64, 4 steps an epoch
+    sweep.fit_one(task, 0, 2, True, "tanh", None, 0.5)
+    sweep.fit_one(task, 0, 2, True, None, sweep.HEAD_VARIANTS[0], 0.5)  # FlexAct: never
+    assert ends == [(8, {8 - 4})]  # cleared before step 4: Adam counts the last 4 steps
