@@ -162,8 +162,8 @@ def test_quick_start_recovers_each_truth(truth: str, tmp_path: Path) -> None:
     assert selection["pick"] == truth  # the README's quick start says so, for each truth
     assert selection["commit_check"]["chosen"] == truth  # the config checks its pick (verify)
     # ... and restarts the optimizer there (reset_optimizer): Adam counts from the commit.
-    checkpoint = torch.load(max(tmp_path.rglob("*.ckpt"), key=lambda p: p.stat().st_mtime),
-                            weights_only=False)
+    (last,) = tmp_path.rglob("last.ckpt")
+    checkpoint = torch.load(last, weights_only=False)
     counts = {int(s["step"]) for s in checkpoint["optimizer_states"][0]["state"].values()}
     assert counts == {checkpoint["global_step"] - selection["committed_at"]}
 
