@@ -69,10 +69,10 @@ class SelectionCommit(Callback):
             FlexActModule (or ``sample_errors`` or a ``criterion`` with ``reduction``).
         verify_z: The sign-test z, ``(n₊ − n₋) / √(n₊ + n₋)`` over the batch's samples where a
             candidate's error is lower (n₊) or higher (n₋) than the pick's, a switch needs.
-        reset_optimizer: Clear the optimizers' state (Adam's moments, momentum) whenever a
-            layer commits (the logits of layers still selecting keep theirs): it was gathered
-            for the mixture, and the committed network is another function (measured:
-            benchmarks/RESULTS.md, "Fresh optimizer state"). Every optimizer of the module.
+        reset_optimizer: Whenever a layer commits, clear the state of every optimizer (Adam's
+            moments, momentum) except that of the logits of layers still selecting: it was
+            gathered for the mixture, and the committed network is another function
+            (measured: benchmarks/RESULTS.md, "Fresh optimizer state").
     """
 
     def __init__(
