@@ -91,6 +91,7 @@ import torch
 
 from flexact.backbones import MLP, LeNet5, TextCNN
 from flexact.callbacks import SelectionCommit, TemperatureAnnealing
+from flexact.callbacks._optimizer_state import clear_state
 from flexact.callbacks.selection_summary import named_layers
 from flexact.datamodules import MNISTDataModule, SyntheticDataModule, TextDataModule
 from flexact.datamodules.teacher import TeacherDataModule
@@ -425,8 +426,7 @@ class ClearStateAt(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule,
                              batch: Any, batch_idx: int) -> None:
         if trainer.global_step == self.step:
-            for optimizer in trainer.optimizers:
-                optimizer.state.clear()
+            clear_state(trainer.optimizers, keep=())  # what reset_optimizer does at a commit
 
 
 def fit_one(task: Task, seed: int, epochs: int, smoke: bool, activation: str | None = None,

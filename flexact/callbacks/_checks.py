@@ -60,6 +60,6 @@ def check_choice(owner: str, name: str, value: str, choices: Sequence[str]) -> s
         ConfigError: Naming the choices otherwise.
     """
     if value not in choices:
-        raise ConfigError(f"{owner} {name} must be {' or '.join(map(repr, choices))}, "
-                          f"got {value!r}")
+        *first, last = map(repr, choices)
+        raise ConfigError(f"{owner} {name} must be {', '.join(first)} or {last}, got {value!r}")
     return value

@@ -9,6 +9,7 @@ import lightning as L
 from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
+from flexact.callbacks._checks import check_choice
 from flexact.callbacks.progress import logs_this_step, progress_position, run_length
 from flexact.errors import ConfigError
 from flexact.nn import FlexAct, flexact_layers
@@ -77,11 +78,9 @@ class TemperatureAnnealing(Callback):
     ) -> None:
         start = None if start is None else check_tau(start, "TemperatureAnnealing start")
         end = None if end is None else check_tau(end, "TemperatureAnnealing end")
-        if schedule not in ("exponential", "linear", "cosine", "constant"):
-            raise ConfigError(f"schedule must be exponential, linear, cosine or constant, "
-                              f"got {schedule!r}")
-        if interval not in ("step", "epoch"):
-            raise ConfigError(f"interval must be 'step' or 'epoch', got {interval!r}")
+        check_choice("TemperatureAnnealing", "schedule", schedule,
+                     ("exponential", "linear", "cosine", "constant"))
+        check_choice("TemperatureAnnealing", "interval", interval, ("step", "epoch"))
         if warmup < 0 or (total is not None and total <= warmup):
             raise ConfigError(f"need 0 <= warmup < total, got warmup={warmup}, total={total}")
         self.start = None if start is None else float(start)
