@@ -206,6 +206,10 @@ EVERYWHERE_VARIANTS = [
             shared=None,
             selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
             reset=True),
+    *(Variant(f"everywhere, shared, α=0, selection lr ×100 → ×3000 after {w} %, picks checked "
+              f"at commit, fresh optimizer state at commit (a longer warm-up)", 0.0,
+              everywhere=True, shared=None, selection_lr_scale=None, select_after=w / 100,
+              selection_gradient="auto", verify=True, reset=True) for w in (40, 50)),
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "
             "commit, twins share a prior's share", 0.0, everywhere=True, shared=None,
             selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
