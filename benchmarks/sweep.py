@@ -82,7 +82,7 @@ import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +184,11 @@ HEAD_VARIANTS = [
     Variant("head, α=0, standardized, selection lr 0.1", 0.0, selection_gradient="standardized",
             selection_lr=0.1),
 ]
+EVERYWHERE_DEFAULT = Variant(
+    "everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at commit, "
+    "fresh optimizer state at commit (flexact's default)", 0.0, everywhere=True, shared=None,
+    selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
+    reset=True)
 EVERYWHERE_VARIANTS = [
     Variant("everywhere, α=0.3 (mean KL), selection lr ×1", 0.3, everywhere=True,
             selection_lr_scale=1.0),
@@ -201,15 +206,11 @@ EVERYWHERE_VARIANTS = [
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 % (the default until "
             "the check)", 0.0, everywhere=True, shared=None, selection_lr_scale=None,
             select_after=None, selection_gradient="auto"),
-    Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "
-            "commit, fresh optimizer state at commit (flexact's default)", 0.0, everywhere=True,
-            shared=None,
-            selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,
-            reset=True),
-    *(Variant(f"everywhere, shared, α=0, selection lr ×100 → ×3000 after {w} %, picks checked "
-              f"at commit, fresh optimizer state at commit (a longer warm-up)", 0.0,
-              everywhere=True, shared=None, selection_lr_scale=None, select_after=w / 100,
-              selection_gradient="auto", verify=True, reset=True) for w in (40, 50)),
+    EVERYWHERE_DEFAULT,
+    *(replace(EVERYWHERE_DEFAULT, select_after=w / 100,
+              name=f"everywhere, shared, α=0, selection lr ×100 → ×3000 after {w} %, picks checked "
+                   f"at commit, fresh optimizer state at commit (a longer warm-up)")
+      for w in (40, 50)),
     Variant("everywhere, shared, α=0, selection lr ×100 → ×3000 after 30 %, picks checked at "
             "commit, twins share a prior's share", 0.0, everywhere=True, shared=None,
             selection_lr_scale=None, select_after=None, selection_gradient="auto", verify=True,

@@ -187,12 +187,12 @@ def test_sweep_members_of_the_head_only_sweep_keep_the_backbones_relu() -> None:
     assert sweep.TASKS["synthetic-tanh"].reference(head_variant) == ""
 
 
-
 def test_longer_warmup_variants_change_only_the_warmup_of_the_everywhere_default() -> None:
     """The "(a longer warm-up)" rows: the everywhere default's selection, held for 40 % or 50 %."""
     sweep = _load("sweep")
     task = sweep.TASKS["teacher-d8-sigmoid"]
-    default = next(v for v in sweep.EVERYWHERE_VARIANTS if "(flexact's default)" in v.name)
+    default = sweep.EVERYWHERE_DEFAULT
+    assert next(v for v in sweep.EVERYWHERE_VARIANTS if "(flexact's default)" in v.name) is default
     longer = [v for v in sweep.EVERYWHERE_VARIANTS if "(a longer warm-up)" in v.name]
     assert [v.select_after for v in longer] == [0.4, 0.5]
     base = task.build(None, default).selection
@@ -206,7 +206,6 @@ def test_longer_warmup_variants_change_only_the_warmup_of_the_everywhere_default
 def test_interleaving_keeps_every_run_once_and_runs_a_sweep_alone_without_variants() -> None:
     """Each seed's order holds every sweep member and variant once; ``--variants`` matching none
     of a task's variants leaves the sweep alone (it divided by zero before)."""
-
     sweep = _load("sweep")
     task = sweep.TASKS["teacher-d8-relu"]
     for seed in range(3):
