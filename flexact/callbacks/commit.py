@@ -155,7 +155,9 @@ class SelectionCommit(Callback):
     def _verify(self, trainer: L.Trainer, pl_module: L.LightningModule,
                 group: list[tuple[str, FlexAct]], batch: Any) -> None:
         verdict = check_group(pl_module, group, batch, self.verify_z, trainer.strategy.reduce)
-        for name, layer in group if verdict is not None else ():
+        if verdict is None:  # nothing to check
+            return
+        for name, layer in group:
             self.verdicts[name] = asdict(verdict)
             if verdict.chosen != verdict.pick:
                 drop = [c for c in layer.live_names if c != verdict.chosen]
